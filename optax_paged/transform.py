@@ -1,0 +1,358 @@
+"""8-bit optimizer-state transformations built from one elementwise rule.
+
+Every 8-bit optimizer here is ``scale_by_rule_8bit`` applied to a rule from
+:mod:`optax_paged.rules`: the state of each large leaf is stored as ``uint8``
+codes plus one float32 ``absmax`` per block, and each update runs
+
+    decode (old absmax) -> rule in float32 -> new block absmax -> encode
+
+as bitsandbytes does. Small leaves (fewer than ``min_8bit_size`` elements, e.g.
+biases and norms) keep float32 state.
+
+State layout: a ``NamedTuple`` with ``count`` and, for each moment ``name``,
+two trees with the parameters' structure: ``name`` (``uint8`` codes for 8-bit
+leaves, float32 moments otherwise) and ``name_absmax`` (float32 block scales
+for 8-bit leaves, ``None`` otherwise). All leaves are plain arrays, so the
+state survives ``flax.nnx.Optimizer``, Orbax and sharding untouched; which
+leaves are 8-bit is decided from shapes, never from the state's types.
+
+Non-finite values: if an element's gradient, or one of its updated moments,
+is not finite, that element keeps its previous moments (re-encoded with the
+block's new scale) and its update is NaN, so the parameter shows the problem
+as it would with ``optax.adam``; every other element of the block is updated
+exactly as if the bad element were absent from the block maximum. Wrap with
+``optax.apply_if_finite`` to skip such steps instead.
+
+References:
+  Dettmers et al., `8-bit Optimizers via Block-wise Quantization
+  <https://arxiv.org/abs/2110.02861>`_, 2022.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_paged import codebooks
+from optax_paged import quantization as qz
+from optax_paged import rules
+
+Rule = Callable[..., tuple[jax.Array, tuple[jax.Array, ...]]]
+QuantizeMask = Any  # None | pytree of bools | Callable[[key_path, leaf], bool]
+
+
+class MomentSpec(NamedTuple):
+  """One state array of a rule: its field name and which code book it uses."""
+
+  name: str
+  signed: bool
+
+
+class ScaleByAdam8bitState(NamedTuple):
+  """State of :func:`scale_by_adam_8bit`.
+
+  Attributes:
+    count: number of updates applied, int32.
+    mu: first moments: ``uint8`` codes (signed map) or float32.
+    nu: second moments: ``uint8`` codes (unsigned map) or float32.
+    mu_absmax: float32 block scales of ``mu`` for 8-bit leaves, else ``None``.
+    nu_absmax: float32 block scales of ``nu`` for 8-bit leaves, else ``None``.
+  """
+
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+  mu_absmax: optax.Updates
+  nu_absmax: optax.Updates
+
+
+# ---------------------------------------------------------------------------
+# Argument checks.
+
+
+def check_hyperparam(name: str, value, low=None, high=None, *, high_open=False):
+  """Raises ``ValueError`` if a concrete scalar hyperparameter is out of range.
+
+  Traced values (``optax.inject_hyperparams``) and schedules are not checked.
+  """
+  if value is None or callable(value) or isinstance(value, jax.core.Tracer):
+    return
+  try:
+    v = float(value)
+  except (TypeError, ValueError):
+    raise TypeError(f"{name} must be a real number, got {value!r}.") from None
+  if not math.isfinite(v):
+    raise ValueError(f"{name} must be finite, got {v}.")
+  if low is not None and v < low:
+    raise ValueError(f"{name} must be >= {low}, got {v}.")
+  if high is not None and (v >= high if high_open else v > high):
+    op = "<" if high_open else "<="
+    raise ValueError(f"{name} must be {op} {high}, got {v}.")
+
+
+def check_min_8bit_size(min_8bit_size) -> int:
+  if (
+      not isinstance(min_8bit_size, (int, np.integer))
+      or isinstance(min_8bit_size, bool)
+      or min_8bit_size < 0
+  ):
+    raise ValueError(
+        f"min_8bit_size must be a non-negative int, got {min_8bit_size!r}."
+    )
+  return int(min_8bit_size)
+
+
+def _check_leaf_dtype(path, leaf):
+  dtype = jnp.dtype(leaf.dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f"8-bit optimizer state needs real floating-point parameters "
+        f"(float32, bfloat16, float16); the leaf at "
+        f"{jax.tree_util.keystr(path) or '<root>'} has dtype {dtype}. "
+        "Exclude integer or complex leaves with optax.masked or "
+        "optax.partition."
+    )
+
+
+def _quantize_flags(tree, min_8bit_size: int, quantize_mask: QuantizeMask):
+  """Pytree of Python bools: which leaves of ``tree`` get 8-bit state."""
+  big = jax.tree.map(lambda x: math.prod(x.shape) >= min_8bit_size, tree)
+  if quantize_mask is None:
+    return big
+  if callable(quantize_mask):
+    chosen = jax.tree_util.tree_map_with_path(
+        lambda path, x: bool(quantize_mask(path, x)), tree
+    )
+  else:
+    chosen = jax.tree.map(lambda _, m: bool(m), tree, quantize_mask)
+  return jax.tree.map(lambda b, c: b and c, big, chosen)
+
+
+# ---------------------------------------------------------------------------
+# Per-leaf updates (XLA path).
+
+
+def _guard_nonfinite(grad, old, new, direction):
+  """Keeps the old moments and returns a NaN direction where values are bad."""
+  ok = jnp.isfinite(grad)
+  for n in new:
+    ok = ok & jnp.isfinite(n)
+  new = tuple(jnp.where(ok, n, o) for n, o in zip(new, old))
+  return jnp.where(ok, direction, jnp.nan), new
+
+
+def _update_float32_leaf(rule, grad, moments, hparams):
+  g = grad.astype(jnp.float32)
+  direction, new = rule(g, tuple(moments), hparams)
+  return _guard_nonfinite(g, moments, new, direction)
+
+
+def update_quantized_leaf_xla(
+    rule: Rule,
+    grad: jax.Array,
+    codes: Sequence[jax.Array],
+    absmax: Sequence[jax.Array],
+    signed: Sequence[bool],
+    hparams: Mapping[str, Any],
+    block_size: int,
+):
+  """Fused decode -> rule -> absmax -> encode for one leaf, in jax.numpy.
+
+  Args:
+    rule: elementwise rule from :mod:`optax_paged.rules`.
+    grad: gradient leaf, any float dtype.
+    codes: ``uint8`` codes of each moment, ``grad``'s shape.
+    absmax: float32 block scales of each moment.
+    signed: code book of each moment.
+    hparams: scalars passed to the rule.
+    block_size: elements per block.
+
+  Returns:
+    ``(direction, new_codes, new_absmax)``: float32 direction of ``grad``'s
+    shape, and tuples of new codes and scales.
+  """
+  shape = grad.shape
+  gb = qz.to_blocks(grad.astype(jnp.float32), block_size)
+  mask = qz.padding_mask(shape, block_size)
+  old = tuple(
+      qz.decode(qz.to_blocks(c, block_size, codebooks.ZERO_CODE[s]), a, s)
+      for c, a, s in zip(codes, absmax, signed)
+  )
+  direction, new = rule(gb, old, hparams)
+  direction, new = _guard_nonfinite(gb, old, new, direction)
+  new_absmax = tuple(qz.block_absmax(n, mask) for n in new)
+  new_codes = tuple(
+      qz.from_blocks(qz.encode(n, a, s, keep_nonzero=True), shape)
+      for n, a, s in zip(new, new_absmax, signed)
+  )
+  return qz.from_blocks(direction, shape), new_codes, new_absmax
+
+
+# ---------------------------------------------------------------------------
+# The generic transformation.
+
+
+def scale_by_rule_8bit(
+    rule: Rule,
+    moments: Sequence[MomentSpec],
+    hparams_fn: Callable[[jax.Array], Mapping[str, Any]],
+    state_cls: type,
+    *,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    quantize_mask: QuantizeMask = None,
+) -> optax.GradientTransformation:
+  """Builds an 8-bit-state ``GradientTransformation`` from an elementwise rule.
+
+  Args:
+    rule: ``rule(grad, moments, hparams) -> (direction, moments)``.
+    moments: one ``MomentSpec`` per moment, in the rule's order; the state has
+      fields ``spec.name`` and ``spec.name + "_absmax"`` for each.
+    hparams_fn: maps the new step count (int32, starting at 1) to the rule's
+      hyperparameters (``count`` included).
+    state_cls: ``NamedTuple`` with fields ``count``, then the moment fields.
+    block_size: elements per quantization block, a power of two in [64, 4096].
+    min_8bit_size: leaves with fewer elements keep float32 state.
+    quantize_mask: optional pytree of bools, or callable
+      ``(key_path, leaf) -> bool``; ``False`` leaves keep float32 state.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+  """
+  block_size = qz.check_block_size(block_size)
+  min_8bit_size = check_min_8bit_size(min_8bit_size)
+  moments = tuple(moments)
+  names = [m.name for m in moments]
+  signed = tuple(m.signed for m in moments)
+
+  def init_fn(params):
+    jax.tree_util.tree_map_with_path(_check_leaf_dtype, params)
+    flags = _quantize_flags(params, min_8bit_size, quantize_mask)
+
+    def leaf_state(p, flag):
+      if flag:
+        codes = tuple(
+            jnp.full_like(p, codebooks.ZERO_CODE[s], dtype=jnp.uint8)
+            for s in signed
+        )
+        scales = tuple(_zeros_absmax(p, block_size) for _ in signed)
+        return codes + scales
+      zeros = tuple(jnp.zeros_like(p, dtype=jnp.float32) for _ in signed)
+      return zeros + (None,) * len(signed)
+
+    per_leaf = jax.tree.map(leaf_state, params, flags)
+    fields = _unzip(params, per_leaf, 2 * len(signed))
+    return state_cls(
+        jnp.zeros([], jnp.int32),
+        **dict(zip(names + [n + "_absmax" for n in names], fields)),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    hparams = dict(hparams_fn(count))
+    flags = _quantize_flags(updates, min_8bit_size, quantize_mask)
+    moment_trees = [getattr(state, n) for n in names]
+    absmax_trees = [getattr(state, n + "_absmax") for n in names]
+    k = len(names)
+
+    def leaf_update(g, flag, *leaf_state):
+      mom, scales = leaf_state[:k], leaf_state[k:]
+      if flag:
+        direction, codes, scales = update_quantized_leaf_xla(
+            rule, g, mom, scales, signed, hparams, block_size
+        )
+        return (direction.astype(g.dtype),) + tuple(codes) + tuple(scales)
+      direction, new = _update_float32_leaf(rule, g, mom, hparams)
+      return (direction.astype(g.dtype),) + tuple(new) + (None,) * k
+
+    out = jax.tree.map(leaf_update, updates, flags, *moment_trees, *absmax_trees)
+    fields = _unzip(updates, out, 1 + 2 * k)
+    new_state = state_cls(
+        count, **dict(zip(names + [n + "_absmax" for n in names], fields[1:]))
+    )
+    return fields[0], new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _zeros_absmax(p, block_size):
+  shape = qz.absmax_shape(p.shape, block_size)
+  zeros = jnp.zeros(shape, jnp.float32)
+  sharding = getattr(p, "sharding", None)
+  if (
+      isinstance(p, jax.Array)
+      and not isinstance(p, jax.core.Tracer)
+      and isinstance(sharding, jax.sharding.NamedSharding)
+      and len(shape) == p.ndim
+  ):
+    # Same rank as the parameter: the same partition spec applies when the
+    # block count divides the way the last axis does.
+    try:
+      return jax.device_put(zeros, sharding)
+    except ValueError:
+      return zeros
+  return zeros
+
+
+def _unzip(template, tree_of_tuples, n):
+  """Splits a tree (shaped like ``template``) of n-tuples into n trees."""
+  return tuple(
+      jax.tree.map(lambda _, t, i=i: t[i], template, tree_of_tuples)
+      for i in range(n)
+  )
+
+
+def scale_by_adam_8bit(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    quantize_mask: QuantizeMask = None,
+) -> optax.GradientTransformation:
+  """Rescales updates with Adam, storing both moments in 8 bits.
+
+  The first moment uses the signed dynamic map, the second the unsigned one;
+  one float32 scale per block of ``block_size`` elements. Equivalent to
+  ``optax.scale_by_adam`` up to quantization error.
+
+  Args:
+    b1: decay of the first moment, in [0, 1).
+    b2: decay of the second moment, in [0, 1).
+    eps: term added to the denominator outside the square root.
+    eps_root: term added to the second moment inside the square root.
+    block_size: elements per quantization block (power of two, 64..4096).
+    min_8bit_size: leaves with fewer elements keep float32 state.
+    quantize_mask: pytree of bools or ``(key_path, leaf) -> bool``; ``False``
+      leaves keep float32 state.
+
+  Returns:
+    An ``optax.GradientTransformation`` with ``ScaleByAdam8bitState``.
+
+  References:
+    Kingma & Ba, `Adam <https://arxiv.org/abs/1412.6980>`_, 2014.
+    Dettmers et al., `8-bit Optimizers via Block-wise Quantization
+    <https://arxiv.org/abs/2110.02861>`_, 2022.
+  """
+  check_hyperparam("b1", b1, 0.0, 1.0, high_open=True)
+  check_hyperparam("b2", b2, 0.0, 1.0, high_open=True)
+  check_hyperparam("eps", eps, 0.0)
+  check_hyperparam("eps_root", eps_root, 0.0)
+  return scale_by_rule_8bit(
+      rules.adam_rule,
+      (MomentSpec("mu", signed=True), MomentSpec("nu", signed=False)),
+      lambda count: dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root, count=count),
+      ScaleByAdam8bitState,
+      block_size=block_size,
+      min_8bit_size=min_8bit_size,
+      quantize_mask=quantize_mask,
+  )

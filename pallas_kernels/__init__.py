@@ -1,0 +1,1 @@
+"""Pallas kernels for optax-paged (imports only jax and numpy)."""
