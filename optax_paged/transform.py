@@ -30,6 +30,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -147,12 +148,16 @@ def _guard_nonfinite(grad, old, new, direction):
   return jnp.where(ok, direction, jnp.nan), new
 
 
+# Jitted so that eager use compiles once per leaf shape instead of once per op
+# (inside the user's jit it is simply inlined).
+@functools.partial(jax.jit, static_argnums=(0,))
 def _update_float32_leaf(rule, grad, moments, hparams):
   g = grad.astype(jnp.float32)
   direction, new = rule(g, tuple(moments), hparams)
   return _guard_nonfinite(g, moments, new, direction)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 4, 6))
 def update_quantized_leaf_xla(
     rule: Rule,
     grad: jax.Array,
@@ -266,10 +271,10 @@ def scale_by_rule_8bit(
       mom, scales = leaf_state[:k], leaf_state[k:]
       if flag:
         direction, codes, scales = update_quantized_leaf_xla(
-            rule, g, mom, scales, signed, hparams, block_size
+            rule, g, tuple(mom), tuple(scales), signed, hparams, block_size
         )
         return (direction.astype(g.dtype),) + tuple(codes) + tuple(scales)
-      direction, new = _update_float32_leaf(rule, g, mom, hparams)
+      direction, new = _update_float32_leaf(rule, g, tuple(mom), hparams)
       return (direction.astype(g.dtype),) + tuple(new) + (None,) * k
 
     out = jax.tree.map(leaf_update, updates, flags, *moment_trees, *absmax_trees)
