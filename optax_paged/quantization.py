@@ -122,10 +122,23 @@ def padding_mask(shape, block_size: int) -> jax.Array | None:
   return idx < n
 
 
+def lookup(table, index: jax.Array) -> jax.Array:
+  """``table[index]`` for a small constant table, sharded like ``index``.
+
+  Under a mesh with explicit axes (``jax.make_mesh``'s default) a gather from
+  a replicated table must be told that its output follows the index.
+  """
+  table = jnp.asarray(table)
+  sharding = jax.typeof(index).sharding
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is not None and getattr(mesh, "explicit_axes", ()):
+    return table.at[index].get(mode="promise_in_bounds", out_sharding=sharding)
+  return table.at[index].get(mode="promise_in_bounds")
+
+
 def decode(codes: jax.Array, absmax: jax.Array, signed: bool) -> jax.Array:
   """Decodes blocked ``codes`` with per-block ``absmax`` to float32 values."""
-  table = jnp.asarray(codebooks.dynamic_map(signed))
-  values = table.at[codes.astype(jnp.int32)].get(mode="promise_in_bounds")
+  values = lookup(codebooks.dynamic_map(signed), codes.astype(jnp.int32))
   return values * absmax[..., None]
 
 
@@ -148,10 +161,8 @@ def _encode_magnitude(r: jax.Array, tables: codebooks.EncodeTables) -> jax.Array
   shift = 23 - tables.mantissa_bits
   cell = (bits >> shift) - (tables.min_exponent << tables.mantissa_bits)
   cell = jnp.clip(cell, 0, tables.cell_code.shape[0] - 1)
-  code = jnp.asarray(tables.cell_code).at[cell].get(mode="promise_in_bounds")
-  threshold = jnp.asarray(tables.cell_threshold).at[cell].get(
-      mode="promise_in_bounds"
-  )
+  code = lookup(tables.cell_code, cell)
+  threshold = lookup(tables.cell_threshold, cell)
   return code + (r >= threshold).astype(jnp.int32)
 
 

@@ -1,0 +1,82 @@
+"""Run in a subprocess with 8 CPU devices (see test_sharding.py).
+
+Prints one JSON line with what the parent test asserts, for a mesh with
+explicit axes (``jax.make_mesh``'s default) and one with automatic axes.
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
+
+import optax_paged as op  # noqa: E402
+
+SPECS = {
+    "col": P(None, "model"),  # last axis sharded: 2048 / 4 = 512 per shard
+    "row": P("data", None),
+    "both": P("data", "model"),
+    "rep": P(),
+}
+SHAPES = {"col": (64, 2048), "row": (128, 1024), "both": (64, 4096), "rep": (32, 512)}
+
+
+def check(axis_type):
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
+  params = {
+      k: jax.device_put(
+          jax.random.normal(jax.random.PRNGKey(i), SHAPES[k]), NamedSharding(mesh, SPECS[k])
+      )
+      for i, k in enumerate(SHAPES)
+  }
+  tx = op.adamw_8bit(1e-3, min_8bit_size=1024)
+  state = tx.init(params)
+
+  def same_as_params(tree):
+    return {
+        k: bool(v.sharding.is_equivalent_to(params[k].sharding, v.ndim)) for k, v in tree.items()
+    }
+
+  report = {"init": {f: same_as_params(getattr(state[0], f)) for f in ("mu", "nu", "mu_absmax", "nu_absmax")}}
+
+  def step(params, state, grads):
+    u, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, u), state
+
+  grads = jax.tree.map(lambda p: p * 0.01, params)
+  jitted = jax.jit(step)
+  hlo = jitted.lower(params, state, grads).compile().as_text()
+  for _ in range(3):
+    params, state = jitted(params, state, grads)
+  s = state[0]
+  report["step"] = {f: same_as_params(getattr(s, f)) for f in ("mu", "nu", "mu_absmax", "nu_absmax")}
+  report["collectives"] = {
+      name: hlo.count(name + "(") + hlo.count(name + "-start(")
+      for name in ("all-gather", "all-to-all")
+  }
+  # The sharded run equals a single-device run of the same steps.
+  host = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), (params, state, grads))
+  ref = jax.jit(step)(*host)
+  got = jitted(params, state, grads)
+  report["max_diff_to_single_device"] = max(
+      float(jnp.max(jnp.abs(jnp.asarray(np.asarray(a), jnp.float32) - jnp.asarray(np.asarray(b), jnp.float32))))
+      for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got))
+  )
+  return report
+
+
+def main():
+  assert len(jax.devices()) == 8, jax.devices()
+  print(json.dumps({"explicit": check(AxisType.Explicit), "auto": check(AxisType.Auto)}))
+
+
+if __name__ == "__main__":
+  sys.exit(main())
