@@ -1,0 +1,107 @@
+"""Median jitted step time and state bytes of 8-bit optimizers vs optax.
+
+Every optimizer runs in this one process on the same parameters and
+gradients; the ratios against ``optax.adamw`` are what to compare across
+machines. Usage:
+
+    python benchmarks/step_time.py [--repeats 20] [--optimizers adamw,adamw_8bit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_paged as op
+from optax_paged import registry
+
+
+def single_leaf(n=16 * 2**20):
+  return {"w": jnp.zeros((n // 4096, 4096), jnp.float32)}
+
+
+def transformer_like(vocab=8192, d=512, layers=4, mlp=4):
+  """~16.8M parameters with realistic leaf shapes."""
+  p = {"embed": jnp.zeros((vocab, d)), "final_norm": {"scale": jnp.zeros(d), "bias": jnp.zeros(d)}}
+  for i in range(layers):
+    p[f"layer_{i}"] = {
+        "ln1": {"scale": jnp.zeros(d), "bias": jnp.zeros(d)},
+        "qkv": {"kernel": jnp.zeros((d, 3 * d)), "bias": jnp.zeros(3 * d)},
+        "out": {"kernel": jnp.zeros((d, d)), "bias": jnp.zeros(d)},
+        "ln2": {"scale": jnp.zeros(d), "bias": jnp.zeros(d)},
+        "up": {"kernel": jnp.zeros((d, mlp * d)), "bias": jnp.zeros(mlp * d)},
+        "down": {"kernel": jnp.zeros((mlp * d, d)), "bias": jnp.zeros(d)},
+    }
+  return p
+
+
+WORKLOADS = {"single 16M leaf": single_leaf, "transformer ~16.8M": transformer_like}
+
+
+def _randomize(tree, seed):
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape) * 0.02 for k, x in zip(keys, leaves)])
+
+
+def time_step(tx, params, grads, repeats):
+  """Median seconds of a donated, jitted ``update + apply_updates`` step."""
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  params = jax.tree.map(jnp.copy, params)
+  state = tx.init(params)
+  nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
+  for _ in range(3):  # compile and warm up
+    params, state = step(params, state, grads)
+  jax.block_until_ready(params)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    params, state = step(params, state, grads)
+    jax.block_until_ready((params, state))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times)), nbytes
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--optimizers", default="adamw,adamw_8bit")
+  parser.add_argument("--workloads", default=",".join(WORKLOADS))
+  args = parser.parse_args(argv)
+  names = [n for n in args.optimizers.split(",") if n]
+  if "adamw" not in names:
+    names.insert(0, "adamw")
+  print(
+      f"machine: {platform.machine()} {os.cpu_count()} cores, {platform.system()}; "
+      f"JAX {jax.__version__} ({jax.devices()[0].platform}), optax {optax.__version__}, "
+      f"optax-paged {op.__version__}"
+  )
+  for wname in args.workloads.split(","):
+    params = _randomize(WORKLOADS[wname](), 0)
+    grads = _randomize(params, 1)
+    n = sum(x.size for x in jax.tree.leaves(params))
+    print(f"\n{wname}: {n / 1e6:.2f}M parameters in {len(jax.tree.leaves(params))} leaves")
+    print(f"{'optimizer':<18} {'median ms':>10} {'x adamw':>8} {'state MiB':>10} {'bytes/param':>12}")
+    base = None
+    for name in names:
+      tx = registry.create(name, 1e-3)
+      sec, nbytes = time_step(tx, params, grads, args.repeats)
+      base = sec if name == "adamw" else base
+      print(f"{name:<18} {sec * 1e3:>10.1f} {sec / base:>8.2f} {nbytes / 2**20:>10.1f} {nbytes / n:>12.3f}")
+
+
+if __name__ == "__main__":
+  main()

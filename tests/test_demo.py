@@ -1,0 +1,58 @@
+"""The demo command runs end to end, and rejects bad flags clearly."""
+
+import subprocess
+import sys
+
+import pytest
+
+from optax_paged import demo
+
+
+def _run(*args):
+  return subprocess.run(
+      [sys.executable, "-m", "optax_paged", *args], capture_output=True, text=True, timeout=600
+  )
+
+
+def test_demo_prints_table_and_writes_png(tmp_path):
+  out = _run("demo", "--steps", "4", "--model", "tiny", "--out", str(tmp_path))
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.splitlines()
+  header = next(i for i, l in enumerate(lines) if l.startswith("optimizer"))
+  assert "bytes/param" in lines[header] and "median step ms" in lines[header]
+  rows = {l.split("|")[0].strip(): [c.strip() for c in l.split("|")] for l in lines[header + 2 : header + 4]}
+  assert set(rows) == {"adamw", "adamw_8bit"}
+  assert float(rows["adamw"][4]) == pytest.approx(8.0, abs=0.01)
+  assert float(rows["adamw_8bit"][4]) < 4.0
+  png = tmp_path / "demo.png"
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert str(png.resolve()) in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "0"], "positive integer"),
+        (["--steps", "ten"], "positive integer"),
+        (["--optimizers", "adamw,sgdx"], "unknown optimizer(s) sgdx"),
+        (["--model", "huge"], "invalid choice"),
+        (["--lr", "-1"], "positive number"),
+        (["--bogus"], "unrecognized arguments"),
+    ],
+)
+def test_bad_flags_give_a_clear_message(args, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    demo.main(args)
+  assert e.value.code == 2
+  assert message in capsys.readouterr().err
+
+
+def test_bad_flag_message_text():
+  out = _run("demo", "--optimizers", "adamw,sgdx")
+  assert out.returncode == 2
+  assert "unknown optimizer(s) sgdx" in out.stderr and "adamw_8bit" in out.stderr
+
+
+def test_unknown_command():
+  out = _run("frobnicate")
+  assert out.returncode == 2 and "unknown command" in out.stderr
