@@ -52,27 +52,41 @@ def _randomize(tree, seed):
   return jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape) * 0.02 for k, x in zip(keys, leaves)])
 
 
-def time_step(tx, params, grads, repeats):
-  """Median seconds of a donated, jitted ``update + apply_updates`` step."""
+def make_stepper(tx, params, grads):
+  """Returns ``(run_once, state_bytes)`` for a donated, jitted step of ``tx``."""
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  params = jax.tree.map(jnp.copy, params)
-  state = tx.init(params)
-  nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
-  for _ in range(3):  # compile and warm up
-    params, state = step(params, state, grads)
-  jax.block_until_ready(params)
-  times = []
-  for _ in range(repeats):
+  carry = [jax.tree.map(jnp.copy, params)]
+  carry.append(tx.init(carry[0]))
+  nbytes = sum(x.nbytes for x in jax.tree.leaves(carry[1]))
+
+  def run_once():
     t0 = time.perf_counter()
-    params, state = step(params, state, grads)
-    jax.block_until_ready((params, state))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times)), nbytes
+    carry[0], carry[1] = step(carry[0], carry[1], grads)
+    jax.block_until_ready(carry)
+    return time.perf_counter() - t0
+
+  for _ in range(3):  # compile and warm up
+    run_once()
+  return run_once, nbytes
+
+
+def time_steps(txs, params, grads, repeats):
+  """Median step seconds of each optimizer, timed round-robin.
+
+  Interleaving the optimizers step by step keeps a noisy machine's slow
+  phases from landing on one optimizer only, so the ratios are fair.
+  """
+  steppers = {name: make_stepper(tx, params, grads) for name, tx in txs.items()}
+  times = {name: [] for name in txs}
+  for _ in range(repeats):
+    for name, (run_once, _) in steppers.items():
+      times[name].append(run_once())
+  return {name: (float(np.median(times[name])), steppers[name][1]) for name in txs}
 
 
 def main(argv=None):
@@ -95,11 +109,9 @@ def main(argv=None):
     n = sum(x.size for x in jax.tree.leaves(params))
     print(f"\n{wname}: {n / 1e6:.2f}M parameters in {len(jax.tree.leaves(params))} leaves")
     print(f"{'optimizer':<18} {'median ms':>10} {'x adamw':>8} {'state MiB':>10} {'bytes/param':>12}")
-    base = None
-    for name in names:
-      tx = registry.create(name, 1e-3)
-      sec, nbytes = time_step(tx, params, grads, args.repeats)
-      base = sec if name == "adamw" else base
+    results = time_steps({name: registry.create(name, 1e-3) for name in names}, params, grads, args.repeats)
+    base = results["adamw"][0]
+    for name, (sec, nbytes) in results.items():
       print(f"{name:<18} {sec * 1e3:>10.1f} {sec / base:>8.2f} {nbytes / 2**20:>10.1f} {nbytes / n:>12.3f}")
 
 

@@ -25,6 +25,8 @@ _f32 = np.float32
 # values, zero, 127 positive values and 1.0 (sorted); the unsigned map holds
 # zero, 254 positive values and 1.0.
 ZERO_CODE = {True: 127, False: 0}
+# Index of 1.0 among the non-negative magnitudes (zero first).
+LAST_MAGNITUDE = {True: 128, False: 255}
 
 
 def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
@@ -85,20 +87,27 @@ def dynamic_map(signed: bool = True) -> np.ndarray:
   return _dynamic_map(bool(signed))
 
 
-class EncodeTables(NamedTuple):
-  """Tables that encode a normalized magnitude ``r`` in ``[0, 1]``.
+# Mantissa bits that, with the 8 exponent bits, index a cell of the encode
+# table: cell = (float32 bits of |y|) >> CELL_SHIFT.
+MANTISSA_BITS = 7
+CELL_SHIFT = 23 - MANTISSA_BITS
+# Cells cover every non-negative float32 below 2.0 (exponent field <= 127).
+NUM_CELLS = 128 << MANTISSA_BITS
 
-  ``code = cell_code[cell(r)] + (r >= cell_threshold[cell(r)])`` where
-  ``cell(r)`` is read off the float32 bits of ``r`` (exponent and the top
-  ``mantissa_bits`` of the mantissa). Codes index ``magnitudes``, the
-  non-negative half of the map in increasing order (zero first).
+
+class EncodeTables(NamedTuple):
+  """Tables that encode a magnitude ``r = |y|`` in ``[0, 2)`` to the nearest code.
+
+  ``t = cell_code[c] + (r >= cell_threshold[c])`` with
+  ``c = bits(r) >> CELL_SHIFT`` is the index of the nearest value in
+  ``magnitudes`` (the non-negative half of the map, zero first). A cell holds
+  at most one threshold (checked when the table is built); cells without one
+  have threshold ``+inf``.
   """
 
   magnitudes: np.ndarray  # float32, non-negative codes, increasing
-  cell_code: np.ndarray  # int32, one entry per cell
-  cell_threshold: np.ndarray  # float32, one entry per cell
-  min_exponent: int  # biased float32 exponent of the first cell
-  mantissa_bits: int
+  cell_code: np.ndarray  # int32, NUM_CELLS entries
+  cell_threshold: np.ndarray  # float32, NUM_CELLS entries
 
 
 def _first_float_above(x: np.ndarray) -> np.ndarray:
@@ -109,17 +118,17 @@ def _first_float_above(x: np.ndarray) -> np.ndarray:
 
 
 @functools.cache
-def encode_tables(signed: bool, mantissa_bits: int = 8) -> EncodeTables:
-  """Builds the cell tables to encode magnitudes into the nearest code.
+def encode_tables(signed: bool, keep_nonzero: bool = False) -> EncodeTables:
+  """Builds the cell tables that encode magnitudes to the nearest code.
 
-  Nearest is measured exactly: the threshold between two neighbouring codes
+  Nearest is measured exactly: the threshold between neighbouring codes
   ``a < b`` is the smallest float32 strictly above the real midpoint
   ``(a + b) / 2`` (an exact tie goes to the smaller magnitude).
 
   Args:
     signed: which map.
-    mantissa_bits: mantissa bits that index a cell within each binade. Each
-      cell must contain at most one threshold; this is checked.
+    keep_nonzero: if True, every positive magnitude encodes to at least the
+      smallest nonzero code (zero stays zero).
 
   Returns:
     ``EncodeTables``.
@@ -127,31 +136,28 @@ def encode_tables(signed: bool, mantissa_bits: int = 8) -> EncodeTables:
   table = dynamic_map(signed).astype(np.float64)
   mags = table[table >= 0.0]  # zero, then the positive codes, then 1.0
   thresholds = _first_float_above((mags[:-1] + mags[1:]) / 2.0)
-  # Everything below 2**-24 encodes to zero (the smallest threshold is ~1.6e-7
-  # for the unsigned map, 2.75e-7 for the signed one; both above 2**-23).
-  assert thresholds[0] > 2.0**-23
-  min_exponent = 127 - 24
-  num_cells = (127 - min_exponent + 1) << mantissa_bits
-  cell = np.arange(num_cells, dtype=np.int64)
-  lower_bits = (cell + (min_exponent << mantissa_bits)) << (23 - mantissa_bits)
-  lower = lower_bits.astype(np.uint32).view(_f32)
-  # Code of the smallest float in the cell: number of thresholds <= lower.
-  cell_code = np.searchsorted(thresholds, lower, side="right").astype(np.int32)
-  # Clamp so the "+1" never leaves the table (r <= 1 keeps it exact).
-  cell_code = np.minimum(cell_code, len(mags) - 2).astype(np.int32)
-  cell_threshold = thresholds[cell_code]
-  # Soundness: no cell may contain a second threshold, i.e. the next
-  # threshold after the one used lies above the cell's largest float.
-  upper_bits = lower_bits + (1 << (23 - mantissa_bits)) - 1
-  upper = np.minimum(upper_bits.astype(np.uint32).view(_f32), _f32(1.0))
-  nxt = np.append(thresholds, np.inf)[cell_code + 1]
-  assert np.all(nxt > upper), "mantissa_bits too small for this map"
+  cell = np.arange(NUM_CELLS, dtype=np.int64)
+  lower = (cell << CELL_SHIFT).astype(np.uint32).view(_f32)
+  upper = ((cell + 1) << CELL_SHIFT).astype(np.uint32).view(_f32)  # exclusive
+  # Index of the nearest code for the smallest float of each cell, then the
+  # one threshold (if any) inside the cell.
+  code = np.searchsorted(thresholds, lower, side="right")
+  nxt = np.append(thresholds, np.inf)[code]
+  inside = nxt < upper
+  assert np.all(np.append(thresholds, np.inf)[np.minimum(code + 1, len(thresholds))][inside] >= upper[inside]), (
+      "a cell holds two thresholds: use more mantissa bits")
+  threshold = np.where(inside, nxt, np.inf)
+  if keep_nonzero:
+    # Positive values below the first threshold still get code 1; cell 0
+    # holds zero itself, so it compares against the smallest positive float.
+    below_first = (code == 0) & (cell > 0)  # the 0 -> 1 threshold no longer matters
+    code = np.where(below_first, 1, code)
+    threshold = np.where(below_first, np.inf, threshold)
+    threshold[0] = np.array(1, np.uint32).view(_f32)
+    code[0] = 0
+    assert thresholds[0] >= upper[0]
+  cell_code = code.astype(np.int32)
+  cell_threshold = threshold.astype(_f32)
   for arr in (cell_code, cell_threshold):
     arr.setflags(write=False)
-  return EncodeTables(
-      magnitudes=mags.astype(_f32),
-      cell_code=cell_code,
-      cell_threshold=cell_threshold.astype(_f32),
-      min_exponent=min_exponent,
-      mantissa_bits=mantissa_bits,
-  )
+  return EncodeTables(mags.astype(_f32), cell_code, cell_threshold)

@@ -136,10 +136,104 @@ def lookup(table, index: jax.Array) -> jax.Array:
   return table.at[index].get(mode="promise_in_bounds")
 
 
+def _pow2(exponent: jax.Array) -> jax.Array:
+  """Exact float32 ``2.0 ** exponent`` for integer exponents in [-126, 127]."""
+  return jax.lax.bitcast_convert_type(jnp.left_shift(exponent + 127, 23), jnp.float32)
+
+
+_DECADE_SCALES = tuple(np.float32(10.0 ** (i - 6)) for i in range(7))
+
+
+def magnitude_value(t: jax.Array, signed: bool) -> jax.Array:
+  """Value of magnitude index ``t`` (0 = zero, then the positive codes, last = 1.0).
+
+  Arithmetic (no table gather, so it fuses into whatever consumes it, on CPU
+  and inside kernels) and within 2 float32 ulps of :func:`codebooks.dynamic_map`
+  (the map's own float32 linspace rounds differently). Positive code
+  ``p = t - 1`` lies in decade ``i`` holding ``n = 2**i`` (signed) or
+  ``2**(i+1)`` (unsigned) means of [0.1, 1]:
+  ``10**(i-6) * (0.1 + 0.9 * (j + 0.5) / n)``.
+  """
+  t = t.astype(jnp.int32)
+  q = jnp.maximum(t if signed else t + 1, 1)  # n + j
+  e = (jax.lax.bitcast_convert_type(q.astype(jnp.float32), jnp.int32) >> 23) - 127
+  j = (q - jnp.left_shift(1, e)).astype(jnp.float32)
+  mean = 0.1 + (0.9 * (j + 0.5)) * _pow2(-e)
+  decade = e if signed else e - 1
+  scale = jnp.float32(_DECADE_SCALES[6])
+  for i in range(5, -1, -1):
+    scale = jnp.where(decade == i, _DECADE_SCALES[i], scale)
+  value = jnp.where(t == 0, 0.0, scale * mean)
+  return jnp.where(t == codebooks.LAST_MAGNITUDE[signed], 1.0, value)
+
+
+def code_value(codes: jax.Array, signed: bool) -> jax.Array:
+  """``dynamic_map(signed)[codes]`` to within 2 ulps, computed arithmetically."""
+  c = codes.astype(jnp.int32)
+  if not signed:
+    return magnitude_value(c, False)
+  zero = codebooks.ZERO_CODE[True]
+  v = magnitude_value(jnp.abs(c - zero), True)
+  return jnp.where(c < zero, -v, v)
+
+
 def decode(codes: jax.Array, absmax: jax.Array, signed: bool) -> jax.Array:
-  """Decodes blocked ``codes`` with per-block ``absmax`` to float32 values."""
-  values = lookup(codebooks.dynamic_map(signed), codes.astype(jnp.int32))
-  return values * absmax[..., None]
+  """Decodes blocked ``codes`` with per-block ``absmax`` (optimizer hot path).
+
+  Uses :func:`code_value` (arithmetic, fusible, within 2 ulps of the map);
+  :func:`dequantize_blockwise` uses the exact table instead.
+  """
+  return code_value(codes, signed) * absmax[..., None]
+
+
+def decode_exact(
+    codes: jax.Array, absmax: jax.Array, signed: bool, negated_table: bool = False
+) -> jax.Array:
+  """Decodes with the exact code book: ``dynamic_map(signed)[codes] * absmax``.
+
+  Args:
+    codes: blocked ``uint8`` codes.
+    absmax: per-block scales.
+    signed: which code book.
+    negated_table: gather from ``-map`` and negate back: the same values from
+      a distinct table constant. XLA then keeps two decodes of the same codes
+      as two gathers, each fused into its own consumer, instead of sharing
+      one gather and storing its float32 result.
+  """
+  table = codebooks.dynamic_map(signed)
+  if negated_table:
+    return lookup(-table, codes.astype(jnp.int32)) * -absmax[..., None]
+  return lookup(table, codes.astype(jnp.int32)) * absmax[..., None]
+
+
+def blocks_absmax(arrays, mask: jax.Array | None = None) -> tuple[jax.Array, ...]:
+  """Largest magnitude of each block, for several blocked arrays at once.
+
+  One variadic max/min reduction over all arrays. Besides reading the inputs
+  once, a variadic reduce keeps XLA:CPU on its own reduction emitter, which
+  fuses the elementwise producer (decode -> rule) into the reduction instead
+  of materializing it as a float32 temporary the size of the parameter.
+
+  Args:
+    arrays: blocked float32 arrays of equal shape, all finite.
+    mask: optional blocked mask of real (non-padding) elements.
+
+  Returns:
+    One ``absmax`` array (``shape[:-1]``) per input.
+  """
+  if mask is not None:
+    arrays = [jnp.where(mask, a, 0.0) for a in arrays]
+  operands = [x for a in arrays for x in (a, a)]
+  inits = [v for _ in arrays for v in (jnp.float32(-jnp.inf), jnp.float32(jnp.inf))]
+
+  def reducer(acc, val):
+    out = []
+    for i in range(0, len(acc), 2):
+      out += [jnp.maximum(acc[i], val[i]), jnp.minimum(acc[i + 1], val[i + 1])]
+    return tuple(out)
+
+  res = jax.lax.reduce(tuple(operands), tuple(inits), reducer, (operands[0].ndim - 1,))
+  return tuple(jnp.maximum(res[i], -res[i + 1]) for i in range(0, len(res), 2))
 
 
 def block_absmax(xb: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -148,22 +242,8 @@ def block_absmax(xb: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   Non-finite elements (and padding, where ``mask`` is given) are ignored so
   that one bad value cannot change the scale of its 255 neighbours.
   """
-  mag = jnp.abs(xb)
-  keep = jnp.isfinite(mag)
-  if mask is not None:
-    keep = keep & mask
-  return jnp.max(jnp.where(keep, mag, 0.0), axis=-1)
-
-
-def _encode_magnitude(r: jax.Array, tables: codebooks.EncodeTables) -> jax.Array:
-  """Index into ``tables.magnitudes`` of the value nearest to ``r >= 0``."""
-  bits = jax.lax.bitcast_convert_type(r, jnp.int32)
-  shift = 23 - tables.mantissa_bits
-  cell = (bits >> shift) - (tables.min_exponent << tables.mantissa_bits)
-  cell = jnp.clip(cell, 0, tables.cell_code.shape[0] - 1)
-  code = lookup(tables.cell_code, cell)
-  threshold = lookup(tables.cell_threshold, cell)
-  return code + (r >= threshold).astype(jnp.int32)
+  (absmax,) = blocks_absmax([jnp.where(jnp.isfinite(xb), xb, 0.0)], mask)
+  return absmax
 
 
 def encode(
@@ -174,6 +254,10 @@ def encode(
   Each element gets the code nearest to ``x * (1 / absmax)`` (multiplying by
   the reciprocal, as bitsandbytes does); blocks with ``absmax == 0`` encode to
   the zero code. With the unsigned map, negative values encode to zero.
+
+  Two lookups in a table indexed by the float's exponent and top mantissa
+  bits plus one compare give the exact nearest code, with no search over the
+  code book.
 
   Args:
     xb: blocked float32 values, finite.
@@ -189,19 +273,24 @@ def encode(
   Returns:
     ``uint8`` codes with ``xb``'s shape.
   """
-  tables = codebooks.encode_tables(signed)
+  tables = codebooks.encode_tables(signed, keep_nonzero)
   safe = absmax > 0
   inv = jnp.where(safe, 1.0 / jnp.where(safe, absmax, 1.0), 0.0)
   y = xb * inv[..., None]
-  mag = jnp.abs(y) if signed else jnp.maximum(y, 0.0)
-  t = _encode_magnitude(mag, tables)
-  if keep_nonzero:
-    t = jnp.maximum(t, (mag > 0).astype(jnp.int32))
+  if not signed:
+    y = jnp.maximum(y, 0.0)
+  bits = jax.lax.bitcast_convert_type(y, jnp.int32)
+  mag_bits = bits & 0x7FFFFFFF
+  # |y| <= 1 up to rounding; min() only guards the table bounds.
+  cell = jnp.minimum(mag_bits >> codebooks.CELL_SHIFT, codebooks.NUM_CELLS - 1)
+  mag = jax.lax.bitcast_convert_type(mag_bits, jnp.float32)
+  t = lookup(tables.cell_code, cell) + (mag >= lookup(tables.cell_threshold, cell)).astype(jnp.int32)
   if not signed:
     return t.astype(jnp.uint8)
-  zero = codebooks.ZERO_CODE[True]
-  # Negative magnitudes have no -1.0 code: clamp to the most negative one.
-  return jnp.where(y < 0, zero - jnp.minimum(t, zero), zero + t).astype(jnp.uint8)
+  # Negative values: code = 127 - t, and there is no -1.0 (t <= 127).
+  neg = bits >> 31  # 0 or -1
+  t = jnp.minimum(t, codebooks.LAST_MAGNITUDE[True] + neg)
+  return (codebooks.ZERO_CODE[True] + ((t ^ neg) - neg)).astype(jnp.uint8)
 
 
 def quantize_blockwise(
@@ -266,4 +355,4 @@ def dequantize_blockwise(
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _dequantize(codes, absmax, signed, block_size):
   cb = to_blocks(codes, block_size, pad_value=codebooks.ZERO_CODE[signed])
-  return from_blocks(decode(cb, absmax, signed), codes.shape)
+  return from_blocks(decode_exact(cb, absmax, signed), codes.shape)

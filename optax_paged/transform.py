@@ -140,12 +140,19 @@ def _quantize_flags(tree, min_8bit_size: int, quantize_mask: QuantizeMask):
 
 
 def _guard_nonfinite(grad, old, new, direction):
-  """Keeps the old moments and returns a NaN direction where values are bad."""
-  ok = jnp.isfinite(grad)
-  for n in new:
-    ok = ok & jnp.isfinite(n)
-  new = tuple(jnp.where(ok, n, o) for n, o in zip(new, old))
-  return jnp.where(ok, direction, jnp.nan), new
+  """Keeps old moments and returns a NaN direction where values are not finite.
+
+  Each moment is guarded on its own (the gradient and that moment), so that
+  computing one moment never needs the others: on the XLA path each output
+  is a separate fusion, and this keeps each one reading only what it needs.
+  """
+  finite_grad = jnp.isfinite(grad)
+  ok_each = [finite_grad & jnp.isfinite(n) for n in new]
+  new = tuple(jnp.where(ok, n, o) for ok, n, o in zip(ok_each, new, old))
+  ok_all = ok_each[0]
+  for ok in ok_each[1:]:
+    ok_all = ok_all & ok
+  return jnp.where(ok_all, direction, jnp.nan), new
 
 
 # Jitted so that eager use compiles once per leaf shape instead of once per op
@@ -183,15 +190,35 @@ def update_quantized_leaf_xla(
     shape, and tuples of new codes and scales.
   """
   shape = grad.shape
-  gb = qz.to_blocks(grad.astype(jnp.float32), block_size)
-  mask = qz.padding_mask(shape, block_size)
-  old = tuple(
-      qz.decode(qz.to_blocks(c, block_size, codebooks.ZERO_CODE[s]), a, s)
-      for c, a, s in zip(codes, absmax, signed)
+
+  def step(grad, codes, absmax, decode):
+    gb = qz.to_blocks(grad.astype(jnp.float32), block_size)
+    old = tuple(
+        decode(qz.to_blocks(c, block_size, codebooks.ZERO_CODE[s]), a, s)
+        for c, a, s in zip(codes, absmax, signed)
+    )
+    direction, new = rule(gb, old, hparams)
+    return _guard_nonfinite(gb, old, new, direction)
+
+  # XLA:CPU fuses each consumer of decode -> rule separately, and a float32
+  # temporary the size of the parameter costs more (page faults) than doing
+  # the arithmetic again, so the step is three recomputations, each fused
+  # into one consumer (measured: benchmarks/RESULTS.md):
+  # 1. Block maxima, from a barrier-distinct copy of the inputs (so XLA
+  #    neither shares nor stores it) and the arithmetic decode, which fuses
+  #    into the reduction where a table gather would not.
+  _, new_for_max = step(
+      *jax.lax.optimization_barrier((grad, codes, absmax)), qz.decode
   )
-  direction, new = rule(gb, old, hparams)
-  direction, new = _guard_nonfinite(gb, old, new, direction)
-  new_absmax = tuple(qz.block_absmax(n, mask) for n in new)
+  new_absmax = qz.blocks_absmax(new_for_max, qz.padding_mask(shape, block_size))
+  # 2. The direction, fused downstream into the caller's parameter update.
+  # 3. The new codes. Both decode with table gathers (cheaper than the
+  #    arithmetic in elementwise fusions), from two distinct tables so that
+  #    each gather stays fused into its own consumer.
+  direction, _ = step(
+      grad, codes, absmax, functools.partial(qz.decode_exact, negated_table=True)
+  )
+  _, new = step(grad, codes, absmax, qz.decode_exact)
   new_codes = tuple(
       qz.from_blocks(qz.encode(n, a, s, keep_nonzero=True), shape)
       for n, a, s in zip(new, new_absmax, signed)

@@ -65,22 +65,36 @@ def test_dynamic_map_is_read_only():
 
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_encode_tables_give_nearest_code_for_every_float_near_thresholds(signed):
-  t = codebooks.encode_tables(signed)
+@pytest.mark.parametrize("keep_nonzero", [False, True])
+def test_encode_tables_give_nearest_code_for_every_float_near_thresholds(signed, keep_nonzero):
+  t = codebooks.encode_tables(signed, keep_nonzero)
   mags = t.magnitudes.astype(np.float64)
-  # All floats within 64 ulps of every midpoint, plus a dense log grid.
+  # All floats within 64 ulps of every midpoint, a dense log grid, the ends
+  # and the smallest positive floats.
   mids = ((mags[:-1] + mags[1:]) / 2).astype(np.float32)
   around = mids[:, None].view(np.int32) + np.arange(-64, 65, dtype=np.int32)[None]
   grid = np.concatenate([
       around.reshape(-1).view(np.float32),
       np.logspace(-9, 0, 50_001).astype(np.float32),
-      np.array([0.0, 1.0], np.float32),
+      np.array([0.0, 1.0, 1e-45, 1e-38, 1e-30, 2.0**-24, 1.0000001], np.float32),
   ])
-  grid = grid[(grid >= 0) & (grid <= 1)]
-  bits = grid.view(np.int32)
-  cell = (bits >> (23 - t.mantissa_bits)) - (t.min_exponent << t.mantissa_bits)
-  cell = np.clip(cell, 0, len(t.cell_code) - 1)
+  grid = grid[(grid >= 0) & (grid < 2)]
+  cell = grid.view(np.int32) >> codebooks.CELL_SHIFT
   got = t.cell_code[cell] + (grid >= t.cell_threshold[cell])
-  dist = np.abs(grid.astype(np.float64)[:, None] - mags[None])
+  dist = np.abs(np.minimum(grid.astype(np.float64), 1.0)[:, None] - mags[None])
   best = dist.min(axis=1)
-  np.testing.assert_array_equal(dist[np.arange(len(grid)), got], best)
+  nearest = dist.argmin(axis=1)
+  if keep_nonzero:
+    nearest = np.where(grid > 0, np.maximum(nearest, 1), nearest)
+    np.testing.assert_array_equal(got, nearest)
+  else:
+    np.testing.assert_array_equal(dist[np.arange(len(grid)), got], best)
+
+
+def test_encode_tables_hold_at_most_one_threshold_per_cell():
+  for signed in (True, False):
+    mags = dynamic_map(signed).astype(np.float64)
+    mags = mags[mags >= 0]
+    thresholds = codebooks._first_float_above((mags[:-1] + mags[1:]) / 2)
+    cells = thresholds.view(np.uint32) >> codebooks.CELL_SHIFT
+    assert len(np.unique(cells)) == len(cells)
