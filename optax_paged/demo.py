@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from optax_paged import offload
 from optax_paged import registry
 
 # Standard-library modules whose source is the demo's corpus (~0.5 MB).
@@ -39,7 +40,11 @@ MODEL_SIZES = {
     "base": (256, 4, 8, 128, 16),
 }
 
-DEFAULT_OPTIMIZERS = ("adamw", "adamw_8bit")
+DEFAULT_OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
+
+# The demo model is small: page every state leaf of at least this many
+# elements (the library default, bitsandbytes' 100,000, would page none).
+DEMO_PAGE_MIN_SIZE = 4096
 
 
 def load_corpus(path: str | None = None) -> tuple[bytes, str]:
@@ -98,14 +103,20 @@ class RunResult(NamedTuple):
   name: str
   losses: list
   val_loss: float
-  state_bytes: int
-  num_params: int
+  memory: offload.MemoryReport
   step_times: list
 
+  @property
+  def state_bytes(self) -> int:
+    return self.memory.total
 
-def state_bytes(state) -> int:
-  """Bytes held by an optimizer state's arrays."""
-  return sum(int(x.nbytes) for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
+  @property
+  def host_bytes(self) -> int:
+    return self.memory.by_kind.get(offload.HOST, 0)
+
+  @property
+  def num_params(self) -> int:
+    return self.memory.num_params
 
 
 def _batches(data: np.ndarray, steps: int, batch: int, seq_len: int, seed: int):
@@ -149,9 +160,11 @@ def train_one(name, args, train_tokens, val_tokens, lr) -> RunResult:
   d, layers, heads, seq_len, batch = MODEL_SIZES[args.model]
   model = CharLM(d, layers, heads, seq_len, rngs=nnx.Rngs(args.seed))
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, args.steps // 10), args.steps, lr * 0.1)
-  tx = registry.create(name, schedule)
+  kwargs = {}
+  if name.startswith("paged_"):
+    kwargs["policy"] = offload.OffloadPolicy(min_size=DEMO_PAGE_MIN_SIZE)
+  tx = registry.create(name, schedule, **kwargs)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
   @nnx.jit
   def train_step(model, optimizer, tokens):
@@ -174,12 +187,14 @@ def train_one(name, args, train_tokens, val_tokens, lr) -> RunResult:
     losses.append(loss)
     progress.update(i, loss)
   val = float(np.mean([float(eval_loss(model, jnp.asarray(v))) for v in val_tokens]))
-  opt_state = nnx.state(optimizer, nnx.optimizer.OptState)
-  return RunResult(name, losses, val, state_bytes(opt_state), num_params, times)
+  opt_state = nnx.pure(nnx.state(optimizer, nnx.optimizer.OptState))
+  params = nnx.state(model, nnx.Param)
+  return RunResult(name, losses, val, offload.memory_report(opt_state, params), times)
 
 
 def format_table(results) -> str:
-  header = ("optimizer", "final train loss", "val loss", "state bytes", "bytes/param", "median step ms")
+  header = ("optimizer", "final train loss", "val loss", "state bytes", "on host", "bytes/param",
+            "median step ms")
   rows = []
   for r in results:
     tail = r.losses[-min(10, len(r.losses)):]
@@ -188,6 +203,7 @@ def format_table(results) -> str:
         f"{np.mean(tail):.4f}",
         f"{r.val_loss:.4f}",
         f"{r.state_bytes:,}",
+        f"{r.host_bytes:,}",
         f"{r.state_bytes / r.num_params:.3f}",
         f"{1e3 * np.median(r.step_times[1:] or r.step_times):.1f}",
     ))
@@ -216,14 +232,17 @@ def plot(results, path: pathlib.Path, title: str) -> pathlib.Path | None:
   ax1.legend()
   ax1.grid(alpha=0.3)
   names = [r.name for r in results]
-  mb = [r.state_bytes / 2**20 for r in results]
-  bars = ax2.bar(names, mb, color=[f"C{i}" for i in range(len(results))])
-  for bar, r in zip(bars, results):
+  device_mb = np.array([(r.state_bytes - r.host_bytes) / 2**20 for r in results])
+  host_mb = np.array([r.host_bytes / 2**20 for r in results])
+  ax2.bar(names, device_mb, color="C0", label="device memory")
+  bars = ax2.bar(names, host_mb, bottom=device_mb, color="C1", label="pinned host memory")
+  for bar, r, top in zip(bars, results, device_mb + host_mb):
     ax2.annotate(f"{r.state_bytes / r.num_params:.2f} B/param",
-                 (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                 ha="center", va="bottom", fontsize=8)
+                 (bar.get_x() + bar.get_width() / 2, top), ha="center", va="bottom", fontsize=8)
+  ax2.set_ylim(0, 1.18 * float(np.max(device_mb + host_mb)))
   ax2.set_ylabel("optimizer state (MiB)")
-  ax2.set_title("optimizer-state memory")
+  ax2.set_title("state memory by memory kind")
+  ax2.legend(fontsize=8)
   ax2.tick_params(axis="x", rotation=20)
   fig.tight_layout()
   fig.savefig(path, dpi=110)

@@ -14,6 +14,10 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "adamw": optax.adamw,
     "adam_8bit": alias.adam_8bit,
     "adamw_8bit": alias.adamw_8bit,
+    "paged_adam": alias.paged_adam,
+    "paged_adamw": alias.paged_adamw,
+    "paged_adam_8bit": alias.paged_adam_8bit,
+    "paged_adamw_8bit": alias.paged_adamw_8bit,
 }
 
 

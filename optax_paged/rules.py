@@ -24,8 +24,16 @@ import jax.numpy as jnp
 Moments = tuple[jax.Array, ...]
 
 
-def _bias_correction(decay, count):
-  return 1.0 - jnp.asarray(decay, jnp.float32) ** count
+def _inverse_bias_correction(decay, count):
+  """Scalar ``1 / (1 - decay**count)``.
+
+  Rules multiply by scalar reciprocals and divide at most once per element:
+  XLA rewrites chains of divisions (``a / b / c`` into ``a / (b * c)``) and
+  divisions by shared scalars differently depending on what else is in the
+  computation, which would make the same update round differently when it
+  runs on its own (e.g. one page at a time) or inside a larger step.
+  """
+  return 1.0 / (1.0 - jnp.asarray(decay, jnp.float32) ** count)
 
 
 def adam_rule(
@@ -44,7 +52,7 @@ def adam_rule(
   count = jnp.asarray(hparams["count"], jnp.float32)
   mu = b1 * mu + (1.0 - b1) * grad
   nu = b2 * nu + (1.0 - b2) * (grad * grad)
-  mu_hat = mu / _bias_correction(b1, count)
-  nu_hat = nu / _bias_correction(b2, count)
+  mu_hat = mu * _inverse_bias_correction(b1, count)
+  nu_hat = nu * _inverse_bias_correction(b2, count)
   direction = mu_hat / (jnp.sqrt(nu_hat + hparams["eps_root"]) + hparams["eps"])
   return direction, (mu, nu)

@@ -73,9 +73,61 @@ def check(axis_type):
   return report
 
 
+def check_paged(axis_type):
+  """Paged 8-bit state on the mesh: memory kinds and partition specs."""
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
+  params = {
+      k: jax.device_put(
+          jax.random.normal(jax.random.PRNGKey(i), SHAPES[k]), NamedSharding(mesh, SPECS[k])
+      )
+      for i, k in enumerate(SHAPES)
+  }
+  policy = op.OffloadPolicy(min_size=1000)
+  tx = op.paged_adamw_8bit(1e-3, min_8bit_size=1024, policy=policy)
+  state = tx.init(params)
+  expected = ["pinned_host" if h else "device" for h in op.offload.placement(state, policy)]
+
+  def layout(state):
+    s = state[0]
+    specs_ok = all(
+        bool(getattr(s, f)[k].sharding.is_equivalent_to(params[k].sharding.with_memory_kind(
+            getattr(s, f)[k].sharding.memory_kind), params[k].ndim))
+        for f in ("mu", "nu", "mu_absmax", "nu_absmax") for k in params
+    )
+    kinds_ok = [x.sharding.memory_kind for x in jax.tree.leaves(state)] == expected
+    return {"specs": specs_ok, "kinds": kinds_ok}
+
+  report = {"init": layout(state), "offloaded": sum(h == "pinned_host" for h in expected)}
+
+  def make_step(tx):
+    @jax.jit
+    def step(params, state, grads):
+      u, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, u), state
+    return step
+
+  grads = jax.tree.map(lambda p: p * 0.01, params)
+  ref_tx = op.adamw_8bit(1e-3, min_8bit_size=1024)
+  ref_params, ref_state = params, ref_tx.init(params)
+  step, ref_step = make_step(tx), make_step(ref_tx)
+  for _ in range(3):
+    params, state = step(params, state, grads)
+    ref_params, ref_state = ref_step(ref_params, ref_state, grads)
+  report["step"] = layout(state)
+  report["equal_to_unpaged"] = all(
+      bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params))
+  )
+  return report
+
+
 def main():
   assert len(jax.devices()) == 8, jax.devices()
-  print(json.dumps({"explicit": check(AxisType.Explicit), "auto": check(AxisType.Auto)}))
+  print(json.dumps({
+      "explicit": check(AxisType.Explicit),
+      "auto": check(AxisType.Auto),
+      "paged_explicit": check_paged(AxisType.Explicit),
+      "paged_auto": check_paged(AxisType.Auto),
+  }))
 
 
 if __name__ == "__main__":

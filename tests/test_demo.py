@@ -20,10 +20,20 @@ def test_demo_prints_table_and_writes_png(tmp_path):
   lines = out.stdout.splitlines()
   header = next(i for i, l in enumerate(lines) if l.startswith("optimizer"))
   assert "bytes/param" in lines[header] and "median step ms" in lines[header]
-  rows = {l.split("|")[0].strip(): [c.strip() for c in l.split("|")] for l in lines[header + 2 : header + 4]}
-  assert set(rows) == {"adamw", "adamw_8bit"}
-  assert float(rows["adamw"][4]) == pytest.approx(8.0, abs=0.01)
-  assert float(rows["adamw_8bit"][4]) < 4.0
+  rows = {}
+  for line in lines[header + 2:]:
+    if "|" not in line:
+      break
+    cells = [c.strip() for c in line.split("|")]
+    rows[cells[0]] = cells
+  assert set(rows) == {"adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"}
+  bytes_per_param = {k: float(v[5]) for k, v in rows.items()}
+  assert bytes_per_param["adamw"] == pytest.approx(8.0, abs=0.01)
+  assert bytes_per_param["adamw_8bit"] < 4.0
+  on_host = {k: int(v[4].replace(",", "")) for k, v in rows.items()}
+  assert on_host["adamw"] == on_host["adamw_8bit"] == 0
+  assert on_host["paged_adamw"] > 0.9 * int(rows["paged_adamw"][3].replace(",", ""))
+  assert on_host["paged_adamw_8bit"] > 0
   png = tmp_path / "demo.png"
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert str(png.resolve()) in out.stdout

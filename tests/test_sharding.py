@@ -41,3 +41,12 @@ def test_sharded_step_equals_single_device_step(report, axes):
   # Codes are compared too (as floats): any code difference would be >= 1e-7
   # relative to the block scale; the float leaves differ by rounding only.
   assert report[axes]["max_diff_to_single_device"] < 1e-6
+
+
+@pytest.mark.parametrize("axes", ["paged_explicit", "paged_auto"])
+def test_paged_state_keeps_partition_specs_on_host_and_device(report, axes):
+  r = report[axes]
+  assert r["offloaded"] > 0
+  assert r["init"] == {"specs": True, "kinds": True}
+  assert r["step"] == {"specs": True, "kinds": True}
+  assert r["equal_to_unpaged"]

@@ -1,0 +1,210 @@
+"""Peak device memory and step time of paged optimizers (run it on a GPU).
+
+For ``optax.adamw``, ``adamw_8bit``, ``paged_adamw`` and ``paged_adamw_8bit``
+(and the paged ones streamed in pages) it trains an MLP stack of about
+``--params`` parameters (default 1e9) for a few steps and reports, each in a
+fresh process so that peaks do not mix:
+
+- peak device bytes (``device.memory_stats()["peak_bytes_in_use"]``),
+- median step time and its ratio to ``optax.adamw``,
+- optimizer-state bytes per memory kind,
+- the transfer lower bound of a paged step: offloaded state bytes moved to
+  the device and back, divided by the measured host<->device bandwidth,
+- with ``--search``, the largest model (in layers of ``--width``) that
+  trains without running out of memory, per optimizer.
+
+On a machine without an accelerator it runs the placement part only (state
+bytes per memory kind for a small model) and says that it measured no
+device memory.
+
+Usage:
+    python benchmarks/paging_gpu.py [--params 1e9] [--steps 5] [--search]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit",
+              "paged_adamw@streamed", "paged_adamw_8bit@streamed")
+STREAM_PAGE_BYTES = 256 * 2**20
+
+
+def _build(name):
+  import optax
+  import optax_paged as op
+  from optax_paged import registry
+  base, _, mode = name.partition("@")
+  kwargs = {}
+  if base.startswith("paged_"):
+    kwargs["policy"] = op.OffloadPolicy(page_bytes=STREAM_PAGE_BYTES if mode == "streamed" else None)
+  return registry.create(base, 1e-4, **kwargs)
+
+
+def worker(args):
+  """One optimizer, one model size, in this process: prints one JSON line."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  import optax_paged as op
+
+  dev = jax.devices()[0]
+  key = jax.random.PRNGKey(0)
+  params = {f"layer_{i}": jax.random.normal(jax.random.fold_in(key, i), (args.width, args.width),
+                                            jnp.float32) * (1.0 / args.width**0.5)
+            for i in range(args.layers)}
+  x = jax.random.normal(key, (args.batch, args.width))
+  tx = _build(args.optimizer)
+
+  def loss_fn(params):
+    h = x
+    for i in range(args.layers):
+      h = jnp.tanh(h @ params[f"layer_{i}"])
+    return jnp.mean(h**2)
+
+  def train_step(params, state):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  step = jax.jit(train_step, donate_argnums=(0, 1))
+  result = {"optimizer": args.optimizer, "layers": args.layers, "width": args.width,
+            "params": args.layers * args.width**2, "platform": dev.platform}
+  try:
+    state = tx.init(params)
+    report = op.memory_report(state, params)
+    result["state_bytes"] = report.by_kind
+    times = []
+    for _ in range(args.steps):
+      t0 = time.perf_counter()
+      params, state, loss = step(params, state)
+      jax.block_until_ready((params, state, loss))
+      times.append(time.perf_counter() - t0)
+    result["step_s"] = float(np.median(times[1:] or times))
+    result["loss"] = float(loss)
+    stats = dev.memory_stats()
+    result["peak_bytes"] = None if not stats else stats.get("peak_bytes_in_use")
+    result["ok"] = True
+  except Exception as e:  # noqa: BLE001 - OOM or anything else is the result
+    result["ok"] = False
+    result["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+  print(json.dumps(result), flush=True)
+
+
+def bandwidth():
+  """Host<->device bandwidth in bytes/s for a 1 GiB pinned_host array."""
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones((2**28,), jnp.float32)
+  host = jax.device_put(x, x.sharding.with_memory_kind("pinned_host"))
+  jax.block_until_ready(host)
+  out = {}
+  for name, src, kind in (("h2d", host, "device"), ("d2h", x, "pinned_host")):
+    times = []
+    for _ in range(5):
+      t0 = time.perf_counter()
+      jax.block_until_ready(jax.device_put(src, src.sharding.with_memory_kind(kind)))
+      times.append(time.perf_counter() - t0)
+    out[name] = x.nbytes / min(times)
+  return out
+
+
+def _spawn(optimizer, layers, a):
+  cmd = [sys.executable, __file__, "--worker", "--optimizer", optimizer, "--layers", str(layers),
+         "--width", str(a.width), "--batch", str(a.batch), "--steps", str(a.steps)]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+  lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+  if not lines:
+    return {"optimizer": optimizer, "layers": layers, "ok": False,
+            "error": (out.stderr or "no output")[-300:]}
+  return json.loads(lines[-1])
+
+
+def largest(optimizer, a):
+  """Largest number of layers that trains, by doubling then bisection."""
+  lo, hi = 0, None
+  n = max(1, a.layers // 2)
+  while hi is None:
+    if _spawn(optimizer, n, a)["ok"]:
+      lo, n = n, n * 2
+    else:
+      hi = n
+    if n > 4096:
+      break
+  while hi is not None and hi - lo > 1:
+    mid = (lo + hi) // 2
+    if _spawn(optimizer, mid, a)["ok"]:
+      lo = mid
+    else:
+      hi = mid
+  return lo
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--params", type=float, default=1e9)
+  p.add_argument("--width", type=int, default=8192)
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--search", action="store_true", help="find the largest model per optimizer")
+  p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+  p.add_argument("--timeout", type=int, default=900)
+  p.add_argument("--json", default=None, help="also write the results here")
+  p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--optimizer", default="adamw", help=argparse.SUPPRESS)
+  p.add_argument("--layers", type=int, default=0, help=argparse.SUPPRESS)
+  a = p.parse_args(argv)
+  if a.worker:
+    return worker(a)
+
+  import jax
+  platform = jax.devices()[0].platform
+  names = [n for n in a.optimizers.split(",") if n]
+  if platform == "cpu":
+    a.width, a.layers, a.steps, a.batch = 1024, 8, 2, 8
+    print("No accelerator: running the placement part only on a small model "
+          f"({a.layers} x {a.width}^2 parameters). Measured no device memory.")
+    for name in names:
+      r = _spawn(name, a.layers, a)
+      print(f"{name:<28} state bytes by memory kind: {r.get('state_bytes')}  ok={r['ok']}")
+    return 0
+
+  a.layers = a.layers or max(1, round(a.params / a.width**2))
+  print(f"{jax.devices()[0].device_kind}: {a.layers} layers x {a.width}^2 = "
+        f"{a.layers * a.width**2 / 1e9:.2f}B parameters, batch {a.batch}, {a.steps} steps")
+  bw = bandwidth()
+  print(f"host->device {bw['h2d'] / 1e9:.1f} GB/s, device->host {bw['d2h'] / 1e9:.1f} GB/s")
+  results = [_spawn(name, a.layers, a) for name in names]
+  base = next((r["step_s"] for r in results if r["optimizer"] == "adamw" and r["ok"]), None)
+  print(f"{'optimizer':<28} {'peak GiB':>9} {'step ms':>9} {'x adamw':>8} {'host GiB':>9} "
+        f"{'device state GiB':>17} {'transfer bound ms':>18}")
+  for r in results:
+    if not r["ok"]:
+      print(f"{r['optimizer']:<28} failed: {r.get('error')}")
+      continue
+    host = r["state_bytes"].get("pinned_host", 0)
+    dev_state = r["state_bytes"].get("device", 0)
+    bound = host / bw["h2d"] + host / bw["d2h"]
+    ratio = r["step_s"] / base if base else float("nan")
+    print(f"{r['optimizer']:<28} {r['peak_bytes'] / 2**30:>9.2f} {r['step_s'] * 1e3:>9.1f} "
+          f"{ratio:>8.2f} {host / 2**30:>9.2f} {dev_state / 2**30:>17.2f} {bound * 1e3:>18.1f}")
+  if a.search:
+    for name in names:
+      n = largest(name, a)
+      r_params = n * a.width**2
+      print(f"largest model that trains with {name}: {n} layers = {r_params / 1e9:.2f}B parameters")
+      results.append({"optimizer": name, "largest_layers": n, "largest_params": r_params})
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump({"bandwidth": bw, "results": results}, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
