@@ -141,34 +141,59 @@ def _pow2(exponent: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(jnp.left_shift(exponent + 127, 23), jnp.float32)
 
 
+def _linspace_point(k: jax.Array, e: jax.Array) -> jax.Array:
+  """Point ``k`` of ``torch.linspace(0.1, 1, 2**e + 1)`` in float32, exactly.
+
+  torch rounds ``0.1f + step * k`` (first half) or ``1 - step * (n - k)``
+  (second half) once, as a fused multiply-add, with ``step = 0.9f / 2**e``
+  exact. With ``0.1f = 13421773 * 2**-27`` and ``0.9f = 15099494 * 2**-24``
+  the exact sum is an integer times a power of two that fits in int32 (after
+  dividing by 16 when ``e >= 4``); the int32 -> float32 conversion rounds to
+  nearest even: the same single rounding, with no float64 and nothing a
+  compiler could contract into a differently rounded FMA.
+  """
+  n = jnp.left_shift(1, e)
+  big = e >= 4
+  step = jnp.where(big, 7549747, 120795952)  # 0.9f / 2**e in the chosen unit
+  low = jnp.where(big, jnp.left_shift(13421773, jnp.maximum(e - 4, 0)),
+                  jnp.left_shift(13421773, e)) + step * k
+  high = jnp.left_shift(1, jnp.where(big, 23 + e, 27 + e)) - step * (n - k)
+  units = jnp.where(k < (n + 1) // 2, low, high)
+  return units.astype(jnp.float32) * _pow2(jnp.where(big, -23 - e, -27 - e))
+
+
 _DECADE_SCALES = tuple(np.float32(10.0 ** (i - 6)) for i in range(7))
+
+
+def _select(index: jax.Array, values) -> jax.Array:
+  """``values[index]`` for a short tuple of constants, as a chain of selects."""
+  out = jnp.float32(values[-1])
+  for i in range(len(values) - 2, -1, -1):
+    out = jnp.where(index == i, jnp.float32(values[i]), out)
+  return out
 
 
 def magnitude_value(t: jax.Array, signed: bool) -> jax.Array:
   """Value of magnitude index ``t`` (0 = zero, then the positive codes, last = 1.0).
 
-  Arithmetic (no table gather, so it fuses into whatever consumes it, on CPU
-  and inside kernels) and within 2 float32 ulps of :func:`codebooks.dynamic_map`
-  (the map's own float32 linspace rounds differently). Positive code
-  ``p = t - 1`` lies in decade ``i`` holding ``n = 2**i`` (signed) or
-  ``2**(i+1)`` (unsigned) means of [0.1, 1]:
-  ``10**(i-6) * (0.1 + 0.9 * (j + 0.5) / n)``.
+  Arithmetic and bit-identical to :func:`codebooks.dynamic_map`: no table
+  gather, so it fuses into reductions on CPU and runs inside Pallas kernels
+  (GPU Triton kernels cannot gather). Positive code ``p = t - 1`` lies in
+  decade ``i`` holding ``n = 2**i`` (signed) or ``2**(i+1)`` (unsigned)
+  means of ``linspace(0.1, 1, n + 1)``, scaled by ``10**(i-6)``.
   """
   t = t.astype(jnp.int32)
   q = jnp.maximum(t if signed else t + 1, 1)  # n + j
   e = (jax.lax.bitcast_convert_type(q.astype(jnp.float32), jnp.int32) >> 23) - 127
-  j = (q - jnp.left_shift(1, e)).astype(jnp.float32)
-  mean = 0.1 + (0.9 * (j + 0.5)) * _pow2(-e)
-  decade = e if signed else e - 1
-  scale = jnp.float32(_DECADE_SCALES[6])
-  for i in range(5, -1, -1):
-    scale = jnp.where(decade == i, _DECADE_SCALES[i], scale)
-  value = jnp.where(t == 0, 0.0, scale * mean)
+  j = q - jnp.left_shift(1, e)
+  mean = (_linspace_point(j, e) + _linspace_point(j + 1, e)) * 0.5
+  value = _select(e if signed else e - 1, _DECADE_SCALES) * mean
+  value = jnp.where(t == 0, 0.0, value)
   return jnp.where(t == codebooks.LAST_MAGNITUDE[signed], 1.0, value)
 
 
 def code_value(codes: jax.Array, signed: bool) -> jax.Array:
-  """``dynamic_map(signed)[codes]`` to within 2 ulps, computed arithmetically."""
+  """``dynamic_map(signed)[codes]``, computed arithmetically (exact)."""
   c = codes.astype(jnp.int32)
   if not signed:
     return magnitude_value(c, False)
@@ -178,10 +203,10 @@ def code_value(codes: jax.Array, signed: bool) -> jax.Array:
 
 
 def decode(codes: jax.Array, absmax: jax.Array, signed: bool) -> jax.Array:
-  """Decodes blocked ``codes`` with per-block ``absmax`` (optimizer hot path).
+  """Decodes blocked ``codes`` with per-block ``absmax``, arithmetically.
 
-  Uses :func:`code_value` (arithmetic, fusible, within 2 ulps of the map);
-  :func:`dequantize_blockwise` uses the exact table instead.
+  Equal to :func:`decode_exact` (the table gather) bit for bit; use this one
+  where a gather cannot go (reductions on CPU, GPU kernels).
   """
   return code_value(codes, signed) * absmax[..., None]
 
@@ -283,13 +308,72 @@ def encode(
   mag_bits = bits & 0x7FFFFFFF
   # |y| <= 1 up to rounding; min() only guards the table bounds.
   cell = jnp.minimum(mag_bits >> codebooks.CELL_SHIFT, codebooks.NUM_CELLS - 1)
-  mag = jax.lax.bitcast_convert_type(mag_bits, jnp.float32)
-  t = lookup(tables.cell_code, cell) + (mag >= lookup(tables.cell_threshold, cell)).astype(jnp.int32)
+  # Compare as integers: for non-negative floats the order is the same, and
+  # CPUs that treat subnormals as zero would otherwise see the smallest
+  # threshold (for keep_nonzero) as 0.0 and move exact zeros off the zero code.
+  threshold_bits = lookup(tables.cell_threshold.view(np.int32), cell)
+  t = lookup(tables.cell_code, cell) + (mag_bits >= threshold_bits).astype(jnp.int32)
   if not signed:
     return t.astype(jnp.uint8)
   # Negative values: code = 127 - t, and there is no -1.0 (t <= 127).
   neg = bits >> 31  # 0 or -1
   t = jnp.minimum(t, codebooks.LAST_MAGNITUDE[True] + neg)
+  return (codebooks.ZERO_CODE[True] + ((t ^ neg) - neg)).astype(jnp.uint8)
+
+
+_DECADE_INVERSE = tuple(np.float32(10.0 ** (6 - i)) for i in range(7))
+
+
+def _decade_starts(signed: bool) -> tuple:
+  """Smallest code value of decades 1..6 (exact float32 constants)."""
+  mags = codebooks.encode_tables(signed).magnitudes
+  first = [2**i for i in range(1, 7)] if signed else [2 ** (i + 1) - 1 for i in range(1, 7)]
+  return tuple(mags[t] for t in first)
+
+
+def encode_arith(
+    xb: jax.Array, absmax: jax.Array, signed: bool, keep_nonzero: bool = False
+) -> jax.Array:
+  """:func:`encode` without table lookups (for kernels that cannot gather).
+
+  Same codes as :func:`encode`, bit for bit: the decade comes from six
+  compares against exact constants, the position in the decade from its
+  linear spacing (an estimate, off by at most one next to a code value,
+  where it cannot change the result), and the final choice between the two
+  neighbouring codes from an exact comparison with their real midpoint
+  (``2r - (a + b)`` against the rounding error of ``a + b``, by TwoSum).
+
+  Args and returns: as :func:`encode`.
+  """
+  safe = absmax > 0
+  inv = jnp.where(safe, 1.0 / jnp.where(safe, absmax, 1.0), 0.0)
+  y = xb * inv[..., None]
+  if not signed:
+    y = jnp.maximum(y, 0.0)
+  bits = jax.lax.bitcast_convert_type(y, jnp.int32)
+  r = jax.lax.bitcast_convert_type(bits & 0x7FFFFFFF, jnp.float32)
+  decade = jnp.zeros(r.shape, jnp.int32)
+  for start in _decade_starts(signed):
+    decade = decade + (r >= start).astype(jnp.int32)
+  e = decade if signed else decade + 1
+  n = jnp.left_shift(1, e)
+  u = (r * _select(decade, _DECADE_INVERSE) - 0.1) * (n.astype(jnp.float32) * (1.0 / 0.9)) - 0.5
+  j = jnp.clip(jnp.floor(jnp.minimum(u, 256.0)).astype(jnp.int32), -1, n - 1)
+  first = n if signed else n - 1  # magnitude index of the decade's first code
+  last = codebooks.LAST_MAGNITUDE[signed]
+  t = jnp.clip(first + j, 0, last - 1)
+  a = magnitude_value(t, signed)
+  b = magnitude_value(t + 1, signed)
+  s = a + b
+  b_virtual = s - a
+  err = (a - (s - b_virtual)) + (b - b_virtual)
+  t = t + ((2.0 * r - s) > err).astype(jnp.int32)
+  if keep_nonzero:  # on the bits: see encode()
+    t = jnp.maximum(t, ((bits & 0x7FFFFFFF) != 0).astype(jnp.int32))
+  if not signed:
+    return t.astype(jnp.uint8)
+  neg = bits >> 31
+  t = jnp.minimum(t, last + neg)
   return (codebooks.ZERO_CODE[True] + ((t ^ neg) - neg)).astype(jnp.uint8)
 
 

@@ -197,3 +197,48 @@ def test_codec_works_under_jit():
   f = jax.jit(lambda x: dequantize_blockwise(quantize_blockwise(x, block_size=128), block_size=128))
   x = jax.random.normal(jax.random.PRNGKey(4), (3, 1000))
   np.testing.assert_array_equal(np.asarray(f(x)), np.asarray(dequantize_blockwise(quantize_blockwise(x, block_size=128), block_size=128)))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_arithmetic_decode_is_the_table(signed):
+  values = np.asarray(qz.code_value(jnp.arange(256), signed))
+  np.testing.assert_array_equal(values.view(np.uint32), dynamic_map(signed).view(np.uint32))
+
+
+def _hard_values(signed, seed=0):
+  """Floats within 40 ulps of every midpoint, a log grid, normals, edge values."""
+  from optax_paged import codebooks
+  rng = np.random.default_rng(seed)
+  mags = codebooks.encode_tables(signed).magnitudes.astype(np.float64)
+  mids = ((mags[:-1] + mags[1:]) / 2).astype(np.float32)
+  around = (mids[:, None].view(np.int32) + np.arange(-40, 41, dtype=np.int32)[None]).reshape(-1).view(np.float32)
+  vals = np.concatenate([
+      around, -around, np.logspace(-9, 0, 50_000).astype(np.float32),
+      rng.standard_normal(50_000).astype(np.float32) / 5,
+      np.array([0, -0.0, 1, -1, 1e-45, -1e-45, 1e-30, 0.9999999, -0.9999999], np.float32),
+  ])
+  if not signed:
+    vals = np.abs(vals)
+  return np.clip(vals, -1, 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("keep_nonzero", [False, True])
+def test_arithmetic_encode_equals_table_encode(signed, keep_nonzero):
+  x = jnp.asarray(_hard_values(signed))[None]
+  one = jnp.ones((1,))
+  np.testing.assert_array_equal(
+      np.asarray(qz.encode_arith(x, one, signed, keep_nonzero)), np.asarray(qz.encode(x, one, signed, keep_nonzero))
+  )
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_keep_nonzero_keeps_zero_at_zero_and_lifts_tiny_values(signed):
+  zero = 127 if signed else 0
+  x = jnp.asarray([[0.0, -0.0, 1e-9, 1e-30, 0.5]], jnp.float32)
+  for enc in (qz.encode, qz.encode_arith):
+    codes = np.asarray(enc(x, jnp.ones((1,)), signed, True))[0]
+    assert codes[0] == codes[1] == zero
+    assert codes[2] == codes[3] == zero + 1
+    plain = np.asarray(enc(x, jnp.ones((1,)), signed, False))[0]
+    assert plain[2] == zero and plain[4] == codes[4]
