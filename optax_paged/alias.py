@@ -23,6 +23,7 @@ def adam_8bit(
     block_size: int = 256,
     min_8bit_size: int = 4096,
     quantize_mask: QuantizeMask = None,
+    backend: str = "auto",
 ) -> optax.GradientTransformation:
   """Adam with 8-bit blockwise-quantized moments (``optax.adam``'s twin).
 
@@ -36,6 +37,8 @@ def adam_8bit(
     min_8bit_size: leaves with fewer elements keep float32 state.
     quantize_mask: pytree of bools or ``(key_path, leaf) -> bool``; ``False``
       leaves keep float32 state (e.g. embeddings).
+    backend: ``"auto"`` (Pallas on a single GPU/TPU, XLA elsewhere),
+      ``"pallas"`` or ``"xla"``.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -52,6 +55,7 @@ def adam_8bit(
           block_size=block_size,
           min_8bit_size=min_8bit_size,
           quantize_mask=quantize_mask,
+          backend=backend,
       ),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -69,6 +73,7 @@ def adamw_8bit(
     block_size: int = 256,
     min_8bit_size: int = 4096,
     quantize_mask: QuantizeMask = None,
+    backend: str = "auto",
 ) -> optax.GradientTransformation:
   """AdamW (decoupled weight decay) with 8-bit moments (``optax.adamw``'s twin).
 
@@ -84,6 +89,8 @@ def adamw_8bit(
     min_8bit_size: leaves with fewer elements keep float32 state.
     quantize_mask: pytree of bools or ``(key_path, leaf) -> bool``; ``False``
       leaves keep float32 state (e.g. embeddings).
+    backend: ``"auto"`` (Pallas on a single GPU/TPU, XLA elsewhere),
+      ``"pallas"`` or ``"xla"``.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -102,6 +109,7 @@ def adamw_8bit(
           block_size=block_size,
           min_8bit_size=min_8bit_size,
           quantize_mask=quantize_mask,
+          backend=backend,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
@@ -172,6 +180,7 @@ def paged_adam_8bit(
     block_size: int = 256,
     min_8bit_size: int = 4096,
     quantize_mask: QuantizeMask = None,
+    backend: str = "auto",
     policy: OffloadPolicy | None = None,
 ) -> optax.GradientTransformation:
   """:func:`adam_8bit` with its 8-bit state paged to host memory.
@@ -184,7 +193,7 @@ def paged_adam_8bit(
   """
   return paged(
       adam_8bit(learning_rate, b1, b2, eps, eps_root, block_size=block_size,
-                min_8bit_size=min_8bit_size, quantize_mask=quantize_mask),
+                min_8bit_size=min_8bit_size, quantize_mask=quantize_mask, backend=backend),
       policy,
       elementwise=True,
   )
@@ -202,6 +211,7 @@ def paged_adamw_8bit(
     block_size: int = 256,
     min_8bit_size: int = 4096,
     quantize_mask: QuantizeMask = None,
+    backend: str = "auto",
     policy: OffloadPolicy | None = None,
 ) -> optax.GradientTransformation:
   """:func:`adamw_8bit` with its 8-bit state paged to host memory.
@@ -218,7 +228,7 @@ def paged_adamw_8bit(
   return paged(
       adamw_8bit(learning_rate, b1, b2, eps, eps_root, weight_decay, mask,
                  block_size=block_size, min_8bit_size=min_8bit_size,
-                 quantize_mask=quantize_mask),
+                 quantize_mask=quantize_mask, backend=backend),
       policy,
       elementwise=True,
   )

@@ -108,6 +108,9 @@ class EncodeTables(NamedTuple):
   magnitudes: np.ndarray  # float32, non-negative codes, increasing
   cell_code: np.ndarray  # int32, NUM_CELLS entries
   cell_threshold: np.ndarray  # float32, NUM_CELLS entries
+  # The thresholds' float32 bits as int32, with "no threshold" as INT32_MAX
+  # (above the bits of +inf and NaN, so those never step past the last code).
+  cell_threshold_bits: np.ndarray
 
 
 def _first_float_above(x: np.ndarray) -> np.ndarray:
@@ -158,6 +161,8 @@ def encode_tables(signed: bool, keep_nonzero: bool = False) -> EncodeTables:
     assert thresholds[0] >= upper[0]
   cell_code = code.astype(np.int32)
   cell_threshold = threshold.astype(_f32)
-  for arr in (cell_code, cell_threshold):
+  bits = np.where(np.isinf(cell_threshold), np.iinfo(np.int32).max, cell_threshold.view(np.int32))
+  bits = bits.astype(np.int32)
+  for arr in (cell_code, cell_threshold, bits):
     arr.setflags(write=False)
-  return EncodeTables(mags.astype(_f32), cell_code, cell_threshold)
+  return EncodeTables(mags.astype(_f32), cell_code, cell_threshold, bits)

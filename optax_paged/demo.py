@@ -161,6 +161,8 @@ def train_one(name, args, train_tokens, val_tokens, lr) -> RunResult:
   model = CharLM(d, layers, heads, seq_len, rngs=nnx.Rngs(args.seed))
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, args.steps // 10), args.steps, lr * 0.1)
   kwargs = {}
+  if name.endswith("_8bit") and getattr(args, "backend", "auto") != "auto":
+    kwargs["backend"] = args.backend
   if name.startswith("paged_"):
     kwargs["policy"] = offload.OffloadPolicy(min_size=DEMO_PAGE_MIN_SIZE)
   tx = registry.create(name, schedule, **kwargs)
@@ -187,7 +189,7 @@ def train_one(name, args, train_tokens, val_tokens, lr) -> RunResult:
     losses.append(loss)
     progress.update(i, loss)
   val = float(np.mean([float(eval_loss(model, jnp.asarray(v))) for v in val_tokens]))
-  opt_state = nnx.pure(nnx.state(optimizer, nnx.optimizer.OptState))
+  opt_state = nnx.state(optimizer, nnx.optimizer.OptState)
   params = nnx.state(model, nnx.Param)
   return RunResult(name, losses, val, offload.memory_report(opt_state, params), times)
 
@@ -267,6 +269,9 @@ def build_parser(prog="optax-paged demo") -> argparse.ArgumentParser:
   p.add_argument("--out", default="demo_output", help="output folder for the PNG (default ./demo_output)")
   p.add_argument("--text", default=None, help="train on this text file instead of the built-in corpus")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--backend", choices=("auto", "pallas", "xla"), default="auto",
+                 help="8-bit update implementation (default auto: Pallas on one GPU/TPU, "
+                 "XLA elsewhere; pallas on CPU runs the kernels in interpret mode, slowly)")
   return p
 
 

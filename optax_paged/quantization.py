@@ -158,7 +158,7 @@ def _linspace_point(k: jax.Array, e: jax.Array) -> jax.Array:
   low = jnp.where(big, jnp.left_shift(13421773, jnp.maximum(e - 4, 0)),
                   jnp.left_shift(13421773, e)) + step * k
   high = jnp.left_shift(1, jnp.where(big, 23 + e, 27 + e)) - step * (n - k)
-  units = jnp.where(k < (n + 1) // 2, low, high)
+  units = jnp.where(k < ((n + 1) >> 1), low, high)  # shift: no sign() (TPU lowering)
   return units.astype(jnp.float32) * _pow2(jnp.where(big, -23 - e, -27 - e))
 
 
@@ -311,7 +311,7 @@ def encode(
   # Compare as integers: for non-negative floats the order is the same, and
   # CPUs that treat subnormals as zero would otherwise see the smallest
   # threshold (for keep_nonzero) as 0.0 and move exact zeros off the zero code.
-  threshold_bits = lookup(tables.cell_threshold.view(np.int32), cell)
+  threshold_bits = lookup(tables.cell_threshold_bits, cell)
   t = lookup(tables.cell_code, cell) + (mag_bits >= threshold_bits).astype(jnp.int32)
   if not signed:
     return t.astype(jnp.uint8)
@@ -336,18 +336,32 @@ def encode_arith(
 ) -> jax.Array:
   """:func:`encode` without table lookups (for kernels that cannot gather).
 
-  Same codes as :func:`encode`, bit for bit: the decade comes from six
-  compares against exact constants, the position in the decade from its
-  linear spacing (an estimate, off by at most one next to a code value,
-  where it cannot change the result), and the final choice between the two
-  neighbouring codes from an exact comparison with their real midpoint
-  (``2r - (a + b)`` against the rounding error of ``a + b``, by TwoSum).
-
-  Args and returns: as :func:`encode`.
+  Same codes as :func:`encode`, bit for bit. Args and returns: as :func:`encode`.
   """
   safe = absmax > 0
   inv = jnp.where(safe, 1.0 / jnp.where(safe, absmax, 1.0), 0.0)
-  y = xb * inv[..., None]
+  return encode_normalized(xb * inv[..., None], signed, keep_nonzero)
+
+
+def encode_normalized(y: jax.Array, signed: bool, keep_nonzero: bool = False) -> jax.Array:
+  """Nearest codes of normalized values ``y`` (``|y| <= 1``), arithmetically.
+
+  The decade comes from six compares against exact constants, the position
+  in the decade from its linear spacing (an estimate, off by at most one
+  right next to a code value, where it cannot change the result), and the
+  choice between the two neighbouring codes from an exact comparison with
+  their real midpoint: ``2r - (a + b)`` against the rounding error of
+  ``a + b`` (TwoSum). Only compares, integer ops and float adds, so no
+  compiler contraction can change a result.
+
+  Args:
+    y: float32 normalized values (finite).
+    signed: which code book.
+    keep_nonzero: as in :func:`encode`.
+
+  Returns:
+    ``uint8`` codes of ``y``'s shape.
+  """
   if not signed:
     y = jnp.maximum(y, 0.0)
   bits = jax.lax.bitcast_convert_type(y, jnp.int32)

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_paged import backend as backend_lib
 from optax_paged import codebooks
 from optax_paged import quantization as qz
 from optax_paged import rules
@@ -146,8 +147,10 @@ def _guard_nonfinite(grad, old, new, direction):
   computing one moment never needs the others: on the XLA path each output
   is a separate fusion, and this keeps each one reading only what it needs.
   """
-  finite_grad = jnp.isfinite(grad)
-  ok_each = [finite_grad & jnp.isfinite(n) for n in new]
+  # |x| < inf is isfinite written with a compare, which every kernel
+  # backend lowers.
+  finite_grad = jnp.abs(grad) < jnp.inf
+  ok_each = [finite_grad & (jnp.abs(n) < jnp.inf) for n in new]
   new = tuple(jnp.where(ok, n, o) for ok, n, o in zip(ok_each, new, old))
   ok_all = ok_each[0]
   for ok in ok_each[1:]:
@@ -158,6 +161,12 @@ def _guard_nonfinite(grad, old, new, direction):
 # Jitted so that eager use compiles once per leaf shape instead of once per op
 # (inside the user's jit it is simply inlined).
 @functools.partial(jax.jit, static_argnums=(0,))
+def _guarded_rule(rule, grad, moments, hparams):
+  """``rule`` with :func:`_guard_nonfinite` applied (what the kernels run)."""
+  direction, new = rule(grad, moments, hparams)
+  return _guard_nonfinite(grad, moments, new, direction)
+
+
 def _update_float32_leaf(rule, grad, moments, hparams):
   g = grad.astype(jnp.float32)
   direction, new = rule(g, tuple(moments), hparams)
@@ -239,6 +248,7 @@ def scale_by_rule_8bit(
     block_size: int = 256,
     min_8bit_size: int = 4096,
     quantize_mask: QuantizeMask = None,
+    backend: str = "auto",
 ) -> optax.GradientTransformation:
   """Builds an 8-bit-state ``GradientTransformation`` from an elementwise rule.
 
@@ -253,11 +263,15 @@ def scale_by_rule_8bit(
     min_8bit_size: leaves with fewer elements keep float32 state.
     quantize_mask: optional pytree of bools, or callable
       ``(key_path, leaf) -> bool``; ``False`` leaves keep float32 state.
+    backend: ``"auto"`` (Pallas on a single GPU/TPU, XLA elsewhere),
+      ``"pallas"`` or ``"xla"``; see :mod:`optax_paged.backend`.
 
   Returns:
     An ``optax.GradientTransformation``.
   """
   block_size = qz.check_block_size(block_size)
+  backend = backend_lib.check_backend(backend)
+  guarded = functools.partial(_guarded_rule, rule)
   min_8bit_size = check_min_8bit_size(min_8bit_size)
   moments = tuple(moments)
   names = [m.name for m in moments]
@@ -294,8 +308,15 @@ def scale_by_rule_8bit(
     absmax_trees = [getattr(state, n + "_absmax") for n in names]
     k = len(names)
 
+    pallas, interpret = backend_lib.use_pallas(backend)
+
     def leaf_update(g, flag, *leaf_state):
       mom, scales = leaf_state[:k], leaf_state[k:]
+      if flag and pallas:
+        direction, codes, scales = backend_lib.update_quantized_leaf_pallas(
+            guarded, g, tuple(mom), tuple(scales), signed, hparams, block_size, interpret
+        )
+        return (direction.astype(g.dtype),) + tuple(codes) + tuple(scales)
       if flag:
         direction, codes, scales = update_quantized_leaf_xla(
             rule, g, tuple(mom), tuple(scales), signed, hparams, block_size
@@ -350,6 +371,7 @@ def scale_by_adam_8bit(
     block_size: int = 256,
     min_8bit_size: int = 4096,
     quantize_mask: QuantizeMask = None,
+    backend: str = "auto",
 ) -> optax.GradientTransformation:
   """Rescales updates with Adam, storing both moments in 8 bits.
 
@@ -366,6 +388,8 @@ def scale_by_adam_8bit(
     min_8bit_size: leaves with fewer elements keep float32 state.
     quantize_mask: pytree of bools or ``(key_path, leaf) -> bool``; ``False``
       leaves keep float32 state.
+    backend: ``"auto"``, ``"pallas"`` or ``"xla"`` (see
+      :mod:`optax_paged.backend`).
 
   Returns:
     An ``optax.GradientTransformation`` with ``ScaleByAdam8bitState``.
@@ -382,9 +406,10 @@ def scale_by_adam_8bit(
   return scale_by_rule_8bit(
       rules.adam_rule,
       (MomentSpec("mu", signed=True), MomentSpec("nu", signed=False)),
-      lambda count: dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root, count=count),
+      lambda count: rules.adam_hparams(b1, b2, eps, eps_root, count),
       ScaleByAdam8bitState,
       block_size=block_size,
       min_8bit_size=min_8bit_size,
       quantize_mask=quantize_mask,
+      backend=backend,
   )

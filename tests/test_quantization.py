@@ -183,6 +183,9 @@ def test_non_finite_elements_do_not_rescale_their_block():
   assert table[codes_bad[0, 3]] == 0.0
   assert table[codes_bad[1, 7]] == 1.0
   assert table[codes_bad[2, 9]] == table[0]
+  # Unsigned: +inf takes the top code, never wraps around to zero.
+  qu = quantize_blockwise(jnp.abs(jnp.asarray(bad)), signed=False)
+  assert dynamic_map(False)[np.asarray(qu.codes)[1, 7]] == 1.0
 
 
 def test_zero_block_encodes_to_zero():

@@ -1,0 +1,113 @@
+"""Which implementation runs the 8-bit update: Pallas kernels or XLA.
+
+``backend="auto"`` (the default of every 8-bit transformation) uses the
+Pallas kernels on a single GPU or TPU and the XLA (``jax.numpy``) path
+everywhere else: on CPU, and when the process sees several devices, since a
+Pallas call is not split by the SPMD partitioner (a sharded leaf would be
+gathered), while the XLA path keeps shards local. ``"pallas"`` forces the
+kernels (interpret mode on CPU: slow, for tests); ``"xla"`` forces XLA. The
+environment variable ``OPTAX_PAGED_BACKEND`` (``pallas`` or ``xla``)
+replaces ``"auto"`` when the transformation is built.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+
+from optax_paged import codebooks
+from optax_paged import quantization as qz
+from pallas_kernels import blockwise
+
+BACKENDS = ("auto", "pallas", "xla")
+ENV_VAR = "OPTAX_PAGED_BACKEND"
+KERNEL_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
+
+
+def check_backend(backend: str) -> str:
+  """Validates ``backend`` and applies the environment override to "auto"."""
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+  if backend == "auto":
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    if env:
+      if env not in ("pallas", "xla", "auto"):
+        raise ValueError(f"{ENV_VAR} must be 'pallas', 'xla' or 'auto', got {env!r}.")
+      return env
+  return backend
+
+
+def use_pallas(backend: str) -> tuple[bool, bool]:
+  """``(use the kernels, in interpret mode)`` for a checked backend, now."""
+  platform = jax.default_backend()
+  if backend == "xla":
+    return False, False
+  if backend == "pallas":
+    return True, platform not in KERNEL_PLATFORMS
+  return platform in KERNEL_PLATFORMS and jax.device_count() == 1, False
+
+
+def _flat_blocks(x, block_size, pad_value):
+  n = x.size
+  num_blocks = -(-n // block_size)
+  flat = x.reshape(-1)
+  if num_blocks * block_size != n:
+    flat = jnp.pad(flat, (0, num_blocks * block_size - n), constant_values=pad_value)
+  return flat.reshape(num_blocks, block_size)
+
+
+def _unflat(xb, shape):
+  n = math.prod(shape)
+  return xb.reshape(-1)[:n].reshape(shape)
+
+
+def _decoder(signed):
+  return lambda c: qz.code_value(c, signed)
+
+
+def _encoder(signed, keep_nonzero):
+  return lambda y: qz.encode_normalized(y, signed, keep_nonzero)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 6, 7))
+def update_quantized_leaf_pallas(rule, grad, codes, absmax, signed, hparams, block_size, interpret):
+  """:func:`optax_paged.transform.update_quantized_leaf_xla` with the fused kernel.
+
+  ``rule`` must already keep non-finite values out of the new moments.
+  """
+  shape = grad.shape
+  g = _flat_blocks(grad, block_size, 0)
+  c = tuple(_flat_blocks(x, block_size, codebooks.ZERO_CODE[s]) for x, s in zip(codes, signed))
+  a = tuple(x.reshape(-1) for x in absmax)
+  direction, new_codes, new_absmax = blockwise.fused_update(
+      rule, g, c, a, hparams,
+      decoders=[_decoder(s) for s in signed],
+      encoders=[_encoder(s, True) for s in signed],
+      out_dtype=grad.dtype,
+      interpret=interpret,
+  )
+  return (
+      _unflat(direction, shape),
+      tuple(_unflat(x, shape) for x in new_codes),
+      tuple(x.reshape(a0.shape) for x, a0 in zip(new_absmax, absmax)),
+  )
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def quantize_pallas(x, signed, block_size, interpret):
+  codes, absmax = blockwise.quantize(
+      _flat_blocks(x.astype(jnp.float32), block_size, 0),
+      encoder=_encoder(signed, False), interpret=interpret)
+  return _unflat(codes, x.shape), absmax.reshape(qz.absmax_shape(x.shape, block_size))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def dequantize_pallas(codes, absmax, signed, block_size, interpret):
+  values = blockwise.dequantize(
+      _flat_blocks(codes, block_size, codebooks.ZERO_CODE[signed]), absmax.reshape(-1),
+      decoder=_decoder(signed), interpret=interpret)
+  return _unflat(values, codes.shape)
