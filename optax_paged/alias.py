@@ -1,18 +1,34 @@
-"""Drop-in optimizers with optax's signatures and 8-bit state."""
+"""Drop-in optimizers with optax's signatures: 8-bit state, paged state, or both.
+
+Each ``<name>_8bit`` takes the arguments and defaults of its optax twin
+(``optax.<name>``) plus the keyword-only 8-bit options ``block_size``,
+``min_8bit_size``, ``quantize_mask`` and ``backend``. Each ``paged_<name>``
+takes its unpaged twin's arguments plus ``policy``
+(an :class:`~optax_paged.OffloadPolicy`).
+"""
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import optax
 
 from optax_paged import transform
 from optax_paged.offload import OffloadPolicy, paged
-from optax_paged.transform import QuantizeMask, check_hyperparam
+from optax_paged.transform import QuantizeMask, check_hyperparam, with_extras_doc
 
 
 def _check_learning_rate(learning_rate):
   check_hyperparam("learning_rate", learning_rate, 0.0)
 
 
+def _extras(block_size, min_8bit_size, quantize_mask, backend) -> dict:
+  return dict(block_size=block_size, min_8bit_size=min_8bit_size,
+              quantize_mask=quantize_mask, backend=backend)
+
+
+@with_extras_doc
 def adam_8bit(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
@@ -33,12 +49,7 @@ def adam_8bit(
     b2: decay of the second moment.
     eps: term added to the denominator outside the square root.
     eps_root: term added to the second moment inside the square root.
-    block_size: elements per quantization block (power of two, 64..4096).
-    min_8bit_size: leaves with fewer elements keep float32 state.
-    quantize_mask: pytree of bools or ``(key_path, leaf) -> bool``; ``False``
-      leaves keep float32 state (e.g. embeddings).
-    backend: ``"auto"`` (Pallas on a single GPU/TPU, XLA elsewhere),
-      ``"pallas"`` or ``"xla"``.
+{extras}
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -51,16 +62,12 @@ def adam_8bit(
   _check_learning_rate(learning_rate)
   return optax.chain(
       transform.scale_by_adam_8bit(
-          b1, b2, eps, eps_root,
-          block_size=block_size,
-          min_8bit_size=min_8bit_size,
-          quantize_mask=quantize_mask,
-          backend=backend,
-      ),
+          b1, b2, eps, eps_root, **_extras(block_size, min_8bit_size, quantize_mask, backend)),
       optax.scale_by_learning_rate(learning_rate),
   )
 
 
+@with_extras_doc
 def adamw_8bit(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
@@ -85,12 +92,7 @@ def adamw_8bit(
     eps_root: term added to the second moment inside the square root.
     weight_decay: decoupled weight decay strength (float or schedule).
     mask: which parameters get weight decay, as in ``optax.adamw``.
-    block_size: elements per quantization block (power of two, 64..4096).
-    min_8bit_size: leaves with fewer elements keep float32 state.
-    quantize_mask: pytree of bools or ``(key_path, leaf) -> bool``; ``False``
-      leaves keep float32 state (e.g. embeddings).
-    backend: ``"auto"`` (Pallas on a single GPU/TPU, XLA elsewhere),
-      ``"pallas"`` or ``"xla"``.
+{extras}
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -105,130 +107,360 @@ def adamw_8bit(
   check_hyperparam("weight_decay", weight_decay, 0.0)
   return optax.chain(
       transform.scale_by_adam_8bit(
-          b1, b2, eps, eps_root,
-          block_size=block_size,
-          min_8bit_size=min_8bit_size,
-          quantize_mask=quantize_mask,
-          backend=backend,
-      ),
+          b1, b2, eps, eps_root, **_extras(block_size, min_8bit_size, quantize_mask, backend)),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
 
 
-def paged_adam(
+@with_extras_doc
+def lion_8bit(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    *,
-    policy: OffloadPolicy | None = None,
-) -> optax.GradientTransformation:
-  """``optax.adam`` with its float32 state paged to host memory.
-
-  Args:
-    learning_rate: a non-negative float or an ``optax`` schedule.
-    b1, b2, eps, eps_root: as in ``optax.adam``.
-    policy: an :class:`~optax_paged.OffloadPolicy` (default: offload every
-      state leaf of at least 100,000 elements).
-
-  Returns:
-    An ``optax.GradientTransformation``.
-  """
-  _check_learning_rate(learning_rate)
-  return paged(optax.adam(learning_rate, b1, b2, eps, eps_root), policy, elementwise=True)
-
-
-def paged_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    b2: float = 0.99,
+    weight_decay: optax.ScalarOrSchedule = 1e-3,
     mask=None,
     *,
-    policy: OffloadPolicy | None = None,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    quantize_mask: QuantizeMask = None,
+    backend: str = "auto",
 ) -> optax.GradientTransformation:
-  """``optax.adamw`` with its float32 state paged to host memory.
+  """Lion with an 8-bit momentum (``optax.lion``'s twin; bitsandbytes' ``Lion8bit``).
 
   Args:
     learning_rate: a non-negative float or an ``optax`` schedule.
-    b1, b2, eps, eps_root, weight_decay, mask: as in ``optax.adamw``.
-    policy: an :class:`~optax_paged.OffloadPolicy`.
+    b1: interpolation weight of the momentum in the update's sign.
+    b2: decay of the momentum.
+    weight_decay: decoupled weight decay strength.
+    mask: which parameters get weight decay.
+{extras}
 
   Returns:
     An ``optax.GradientTransformation``.
+
+  References:
+    Chen et al., `Symbolic Discovery of Optimization Algorithms
+    <https://arxiv.org/abs/2302.06675>`_, 2023.
   """
   _check_learning_rate(learning_rate)
   check_hyperparam("weight_decay", weight_decay, 0.0)
-  return paged(
-      optax.adamw(learning_rate, b1, b2, eps, eps_root, weight_decay=weight_decay, mask=mask),
-      policy,
-      elementwise=True,
+  return optax.chain(
+      transform.scale_by_lion_8bit(
+          b1, b2, **_extras(block_size, min_8bit_size, quantize_mask, backend)),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
   )
 
 
-def paged_adam_8bit(
+@with_extras_doc
+def sgd_8bit(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
+    momentum: float | None = None,
+    nesterov: bool = False,
     *,
     block_size: int = 256,
     min_8bit_size: int = 4096,
     quantize_mask: QuantizeMask = None,
     backend: str = "auto",
-    policy: OffloadPolicy | None = None,
 ) -> optax.GradientTransformation:
-  """:func:`adam_8bit` with its 8-bit state paged to host memory.
+  """SGD with an 8-bit momentum trace (``optax.sgd``'s twin; bitsandbytes' ``SGD8bit``).
 
-  Args: as :func:`adam_8bit`, plus ``policy`` (an
-  :class:`~optax_paged.OffloadPolicy`).
+  Without ``momentum`` there is no state to quantize: this is plain SGD.
+
+  Args:
+    learning_rate: a non-negative float or an ``optax`` schedule.
+    momentum: momentum coefficient, or ``None`` for plain SGD.
+    nesterov: Nesterov momentum.
+{extras}
 
   Returns:
     An ``optax.GradientTransformation``.
+
+  References:
+    Sutskever et al., `On the importance of initialization and momentum in
+    deep learning <https://proceedings.mlr.press/v28/sutskever13.html>`_, 2013.
   """
-  return paged(
-      adam_8bit(learning_rate, b1, b2, eps, eps_root, block_size=block_size,
-                min_8bit_size=min_8bit_size, quantize_mask=quantize_mask, backend=backend),
-      policy,
-      elementwise=True,
+  _check_learning_rate(learning_rate)
+  inner = optax.identity() if momentum is None else transform.trace_8bit(
+      momentum, nesterov, **_extras(block_size, min_8bit_size, quantize_mask, backend))
+  return optax.chain(inner, optax.scale_by_learning_rate(learning_rate))
+
+
+@with_extras_doc
+def rmsprop_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    decay: float = 0.9,
+    eps: float = 1e-8,
+    initial_scale: float = 0.0,
+    eps_in_sqrt: bool = True,
+    centered: bool = False,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    bias_correction: bool = False,
+    *,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    quantize_mask: QuantizeMask = None,
+    backend: str = "auto",
+) -> optax.GradientTransformation:
+  """RMSProp with 8-bit state (``optax.rmsprop``'s twin; bitsandbytes' ``RMSprop8bit``).
+
+  The second moment uses the unsigned map; a momentum trace, when asked
+  for, uses the signed map. ``centered=True`` is refused, as bitsandbytes
+  does: centered RMSProp divides by ``nu - mu**2``, and when the gradient's
+  variance is small next to ``nu`` the 8-bit errors of the two moments
+  swamp it (measured: the parabola and Rosenbrock problems diverge).
+
+  Args:
+    learning_rate: a non-negative float or an ``optax`` schedule.
+    decay, eps, initial_scale, eps_in_sqrt, momentum, nesterov,
+      bias_correction: as in ``optax.rmsprop``.
+    centered: must be False (see above).
+{extras}
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Tieleman & Hinton, Lecture 6.5 - RMSProp, COURSERA, 2012.
+  """
+  _check_learning_rate(learning_rate)
+  if centered:
+    raise ValueError(
+        "rmsprop_8bit: centered=True is not supported (as in bitsandbytes): it divides by "
+        "nu - mu**2, which 8-bit errors swamp when the variance is small. Use "
+        "centered=False, or optax.rmsprop(centered=True) with float32 state.")
+  extras = _extras(block_size, min_8bit_size, quantize_mask, backend)
+  return optax.chain(
+      transform.scale_by_rms_8bit(decay, eps, initial_scale, eps_in_sqrt, bias_correction, **extras),
+      optax.scale_by_learning_rate(learning_rate),
+      optax.identity() if momentum is None else transform.trace_8bit(momentum, nesterov, **extras),
   )
 
 
-def paged_adamw_8bit(
+@with_extras_doc
+def adagrad_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    initial_accumulator_value: float = 0.1,
+    eps: float = 1e-7,
+    *,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    quantize_mask: QuantizeMask = None,
+    backend: str = "auto",
+) -> optax.GradientTransformation:
+  """Adagrad with an 8-bit accumulator (``optax.adagrad``'s twin; ``Adagrad8bit``).
+
+  The accumulator (a sum of squares) uses the unsigned map.
+
+  Args:
+    learning_rate: a non-negative float or an ``optax`` schedule.
+    initial_accumulator_value: starting value of the accumulator.
+    eps: added inside the square root.
+{extras}
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Duchi et al., `Adaptive Subgradient Methods for Online Learning and
+    Stochastic Optimization <https://jmlr.org/papers/v12/duchi11a.html>`_, 2011.
+  """
+  _check_learning_rate(learning_rate)
+  return optax.chain(
+      transform.scale_by_rss_8bit(
+          initial_accumulator_value, eps, **_extras(block_size, min_8bit_size, quantize_mask, backend)),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+@with_extras_doc
+def ademamix_8bit(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
     b2: float = 0.999,
+    b3: optax.ScalarOrSchedule = 0.9999,
+    alpha: optax.ScalarOrSchedule = 5.0,
     eps: float = 1e-8,
     eps_root: float = 0.0,
-    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    weight_decay: float = 0.0,
     mask=None,
     *,
     block_size: int = 256,
     min_8bit_size: int = 4096,
     quantize_mask: QuantizeMask = None,
     backend: str = "auto",
-    policy: OffloadPolicy | None = None,
 ) -> optax.GradientTransformation:
-  """:func:`adamw_8bit` with its 8-bit state paged to host memory.
+  """AdEMAMix with 8-bit moments (``optax.contrib.ademamix``'s twin; ``AdEMAMix8bit``).
 
-  bitsandbytes' ``PagedAdamW8bit``: 8-bit moments (~2 bytes per parameter)
-  that live in host memory between steps.
+  ``b3`` and ``alpha`` take schedules for the paper's warm-ups, e.g.
+  ``optax.contrib.ademamix``'s ``alpha_scheduler``/``b3_scheduler`` style
+  ``lambda step: ...`` functions.
 
-  Args: as :func:`adamw_8bit`, plus ``policy`` (an
-  :class:`~optax_paged.OffloadPolicy`).
+  Args:
+    learning_rate: a non-negative float or an ``optax`` schedule.
+    b1, b2, b3, alpha, eps, eps_root: as in ``optax.contrib.ademamix``.
+    weight_decay: decoupled weight decay strength.
+    mask: which parameters get weight decay.
+{extras}
 
   Returns:
     An ``optax.GradientTransformation``.
+
+  References:
+    Pagliardini et al., `The AdEMAMix Optimizer: Better, Faster, Older
+    <https://arxiv.org/abs/2409.03137>`_, 2024.
   """
-  return paged(
-      adamw_8bit(learning_rate, b1, b2, eps, eps_root, weight_decay, mask,
-                 block_size=block_size, min_8bit_size=min_8bit_size,
-                 quantize_mask=quantize_mask, backend=backend),
-      policy,
-      elementwise=True,
+  _check_learning_rate(learning_rate)
+  check_hyperparam("weight_decay", weight_decay, 0.0)
+  return optax.chain(
+      transform.scale_by_ademamix_8bit(
+          b1, b2, b3, alpha, eps, eps_root, **_extras(block_size, min_8bit_size, quantize_mask, backend)),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
   )
+
+
+@with_extras_doc
+def lamb_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    eps_root: float = 0.0,
+    weight_decay: float = 0.0,
+    mask=None,
+    *,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    quantize_mask: QuantizeMask = None,
+    backend: str = "auto",
+) -> optax.GradientTransformation:
+  """LAMB with 8-bit Adam moments (``optax.lamb``'s twin).
+
+  The trust ratio is computed per leaf from the full update (the Adam
+  direction of the float32 new moments plus weight decay), as in
+  ``optax.lamb``; bitsandbytes has no working 8-bit LAMB on CUDA.
+
+  Args:
+    learning_rate: a non-negative float or an ``optax`` schedule.
+    b1, b2, eps, eps_root, weight_decay, mask: as in ``optax.lamb``.
+{extras}
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    You et al., `Large Batch Optimization for Deep Learning: Training BERT in
+    76 minutes <https://arxiv.org/abs/1904.00962>`_, 2020.
+  """
+  _check_learning_rate(learning_rate)
+  check_hyperparam("weight_decay", weight_decay, 0.0)
+  return optax.chain(
+      transform.scale_by_adam_8bit(
+          b1, b2, eps, eps_root, **_extras(block_size, min_8bit_size, quantize_mask, backend)),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_trust_ratio(),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+@with_extras_doc
+def lars_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: float = 0.0,
+    weight_decay_mask=True,
+    trust_coefficient: float = 0.001,
+    eps: float = 0.0,
+    trust_ratio_mask=True,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    *,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    quantize_mask: QuantizeMask = None,
+    backend: str = "auto",
+) -> optax.GradientTransformation:
+  """LARS with an 8-bit momentum trace (``optax.lars``'s twin).
+
+  The trust ratio is computed per leaf from the weight-decayed gradient
+  before the momentum, as in ``optax.lars``; bitsandbytes has no working
+  8-bit LARS on CUDA.
+
+  Args:
+    learning_rate: a non-negative float or an ``optax`` schedule.
+    weight_decay, weight_decay_mask, trust_coefficient, eps, trust_ratio_mask,
+      momentum, nesterov: as in ``optax.lars``.
+{extras}
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    You et al., `Large Batch Training of Convolutional Networks
+    <https://arxiv.org/abs/1708.03888>`_, 2017.
+  """
+  _check_learning_rate(learning_rate)
+  check_hyperparam("weight_decay", weight_decay, 0.0)
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
+      optax.masked(
+          optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=eps),
+          mask=trust_ratio_mask,
+      ),
+      optax.scale_by_learning_rate(learning_rate),
+      transform.trace_8bit(momentum, nesterov, **_extras(block_size, min_8bit_size, quantize_mask, backend)),
+  )
+
+
+# ---------------------------------------------------------------------------
+# Paged variants.
+
+
+def _paged_variant(fn, *, elementwise: bool, twin: str):
+  """``paged_<name>``: ``fn``'s signature plus ``policy``, state paged to host.
+
+  ``elementwise`` says whether ``fn``'s update treats every element on its
+  own, which lets ``policy.page_bytes`` stream it (LAMB and LARS compute
+  per-leaf trust ratios, so they are paged whole).
+  """
+
+  @functools.wraps(fn)
+  def wrapper(*args, policy: OffloadPolicy | None = None, **kwargs):
+    return paged(fn(*args, **kwargs), policy, elementwise=elementwise)
+
+  sig = inspect.signature(fn)
+  policy = inspect.Parameter("policy", inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation="OffloadPolicy | None")
+  wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), policy])
+  wrapper.__name__ = wrapper.__qualname__ = f"paged_{fn.__name__}"
+  wrapper.__wrapped__ = None
+  streaming = ("Large leaves can be streamed in pages (``policy.page_bytes``)."
+               if elementwise else
+               "Its trust ratio needs whole leaves, so ``policy.page_bytes`` cannot be used.")
+  wrapper.__doc__ = (
+      f"``{twin}`` with its state paged to host memory (bitsandbytes' paged optimizers).\n\n"
+      f"  The state lives in ``pinned_host`` memory between steps and moves to the\n"
+      f"  device for the update (see :func:`optax_paged.paged`). {streaming}\n\n"
+      f"  Args: as ``{twin}``, plus ``policy``: an :class:`~optax_paged.OffloadPolicy`\n"
+      f"  (default: offload every state leaf of at least 100,000 elements).\n\n"
+      f"  Returns:\n    An ``optax.GradientTransformation``.\n"
+  )
+  return wrapper
+
+
+paged_adam = _paged_variant(optax.adam, elementwise=True, twin="optax.adam")
+paged_adamw = _paged_variant(optax.adamw, elementwise=True, twin="optax.adamw")
+paged_lion = _paged_variant(optax.lion, elementwise=True, twin="optax.lion")
+paged_ademamix = _paged_variant(optax.contrib.ademamix, elementwise=True,
+                                twin="optax.contrib.ademamix")
+paged_adam_8bit = _paged_variant(adam_8bit, elementwise=True, twin="adam_8bit")
+paged_adamw_8bit = _paged_variant(adamw_8bit, elementwise=True, twin="adamw_8bit")
+paged_lion_8bit = _paged_variant(lion_8bit, elementwise=True, twin="lion_8bit")
+paged_sgd_8bit = _paged_variant(sgd_8bit, elementwise=True, twin="sgd_8bit")
+paged_rmsprop_8bit = _paged_variant(rmsprop_8bit, elementwise=True, twin="rmsprop_8bit")
+paged_adagrad_8bit = _paged_variant(adagrad_8bit, elementwise=True, twin="adagrad_8bit")
+paged_ademamix_8bit = _paged_variant(ademamix_8bit, elementwise=True, twin="ademamix_8bit")
+paged_lamb_8bit = _paged_variant(lamb_8bit, elementwise=False, twin="lamb_8bit")
+paged_lars_8bit = _paged_variant(lars_8bit, elementwise=False, twin="lars_8bit")

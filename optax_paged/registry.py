@@ -1,36 +1,71 @@
-"""Optimizers by name: the names users know from bitsandbytes and Ludwig."""
+"""Optimizers by name, and from Ludwig / bitsandbytes-style configs.
+
+Two entry points:
+
+- :func:`create` ``(name, learning_rate, **kwargs)``: this library's (and
+  optax's) constructors by name, with their own keyword arguments.
+- :func:`from_config` ``(config, learning_rate=None)``: a Ludwig optimizer
+  section (``{"type": "paged_adamw_8bit", "betas": [0.9, 0.999], ...}``) or a
+  whole Ludwig document (``trainer: {learning_rate: ..., optimizer: {...}}``),
+  as a mapping, YAML text or a YAML file path, with Ludwig's field names
+  (``betas``, ``eps``, ``weight_decay``, ``momentum``, ``alpha``, ...).
+
+Ludwig follows PyTorch: ``weight_decay`` is an L2 term added to the gradient
+for ``sgd``, ``adam``, ``rmsprop``, ``adagrad``, ``adadelta``, ``adamax``,
+``nadam``, ``radam`` and ``lars``, and decoupled (AdamW-style) for
+``adamw``, ``lion``, ``lamb``, ``adafactor``, ``schedule_free_adamw`` and
+``muon``; the configs built here do the same.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+import os
+from collections.abc import Callable, Mapping
 
 import optax
+import optax.contrib
 
 from optax_paged import alias
+from optax_paged.clipping import percentile_clipping
 
 # name -> constructor taking ``learning_rate`` first, optax-style.
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "sgd": optax.sgd,
     "adam": optax.adam,
     "adamw": optax.adamw,
-    "adam_8bit": alias.adam_8bit,
-    "adamw_8bit": alias.adamw_8bit,
-    "paged_adam": alias.paged_adam,
-    "paged_adamw": alias.paged_adamw,
-    "paged_adam_8bit": alias.paged_adam_8bit,
-    "paged_adamw_8bit": alias.paged_adamw_8bit,
+    "adagrad": optax.adagrad,
+    "rmsprop": optax.rmsprop,
+    "lamb": optax.lamb,
+    "lars": optax.lars,
+    "lion": optax.lion,
+    "adadelta": optax.adadelta,
+    "adamax": optax.adamax,
+    "nadam": optax.nadam,
+    "radam": optax.radam,
+    "adafactor": optax.adafactor,
+    "ademamix": optax.contrib.ademamix,
+    "schedule_free_adamw": optax.contrib.schedule_free_adamw,
+    "muon": optax.contrib.muon,
 }
+OPTIMIZERS.update({
+    name: getattr(alias, name)
+    for name in dir(alias)
+    if name.endswith("_8bit") or name.startswith("paged_")
+    if callable(getattr(alias, name)) and not name.startswith("_")
+})
 
 
 def names() -> list[str]:
-  """All accepted optimizer names, sorted."""
+  """All names :func:`create` accepts, sorted."""
   return sorted(OPTIMIZERS)
 
 
 def create(name: str, learning_rate, **kwargs) -> optax.GradientTransformation:
-  """Builds the optimizer called ``name``.
+  """Builds the optimizer called ``name`` with its own keyword arguments.
 
   Args:
-    name: one of :func:`names`.
+    name: one of :func:`names` (e.g. ``"adamw_8bit"``, ``"paged_lion_8bit"``).
     learning_rate: float or schedule.
     **kwargs: keyword arguments of that optimizer's constructor.
 
@@ -38,12 +73,325 @@ def create(name: str, learning_rate, **kwargs) -> optax.GradientTransformation:
     An ``optax.GradientTransformation``.
 
   Raises:
-    ValueError: for an unknown name, listing the accepted ones.
+    ValueError: for an unknown name (listing the accepted ones) or an
+      argument the constructor does not take.
   """
   try:
     ctor = OPTIMIZERS[name]
   except KeyError:
-    raise ValueError(
-        f"Unknown optimizer {name!r}; accepted: {', '.join(names())}."
-    ) from None
+    raise ValueError(f"Unknown optimizer {name!r}; accepted: {', '.join(names())}.") from None
+  params = inspect.signature(ctor).parameters
+  if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+      raise ValueError(
+          f"{name} takes no argument(s) {', '.join(unknown)}; accepted: "
+          f"{', '.join(p for p in params if p != 'learning_rate')}.")
   return ctor(learning_rate, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Ludwig configs.
+
+
+class _Fields:
+  """Reads a Ludwig optimizer section, refusing what it cannot honour."""
+
+  def __init__(self, type_name: str, section: Mapping):
+    self.type = type_name
+    self.values = dict(section)
+    self.used: set[str] = set()
+
+  def get(self, name, default=None):
+    self.used.add(name)
+    return self.values.get(name, default)
+
+  def default_only(self, name, default, why: str):
+    """Accepts ``name`` only at its Ludwig default (which we reproduce)."""
+    value = self.get(name, default)
+    if value != default:
+      raise ValueError(f"{self.type}: {name}={value!r} is not supported ({why}).")
+
+  def pair(self, name, default):
+    value = tuple(self.get(name, default))
+    if len(value) != 2:
+      raise ValueError(f"{self.type}: {name} must hold two numbers, got {value!r}.")
+    return tuple(float(v) for v in value)
+
+
+def _coupled_weight_decay(tx, weight_decay):
+  """PyTorch's L2 ``weight_decay``: added to the gradient before ``tx``."""
+  if not weight_decay:
+    return tx
+  return optax.chain(optax.add_decayed_weights(float(weight_decay)), tx)
+
+
+def _adam(name, lr, f: _Fields):
+  b1, b2 = f.pair("betas", (0.9, 0.999))
+  eps = float(f.get("eps", 1e-8))
+  wd = float(f.get("weight_decay", 0.0))
+  amsgrad = bool(f.get("amsgrad", False))
+  decoupled = name.startswith(("adamw", "paged_adamw"))
+  if amsgrad:
+    if name not in ("adam", "adamw"):
+      raise ValueError(f"{name}: amsgrad=True is not supported for 8-bit or paged Adam; "
+                       "use type adam or adamw for AMSGrad.")
+    tx = optax.chain(optax.scale_by_amsgrad(b1, b2, eps),
+                     optax.add_decayed_weights(wd) if decoupled else optax.identity(),
+                     optax.scale_by_learning_rate(lr))
+    return tx if decoupled else _coupled_weight_decay(tx, wd)
+  if decoupled:
+    return OPTIMIZERS[name](lr, b1, b2, eps, weight_decay=wd)
+  return _coupled_weight_decay(OPTIMIZERS[name](lr, b1, b2, eps), wd)
+
+
+def _sgd(name, lr, f: _Fields):
+  momentum = float(f.get("momentum", 0.0)) or None
+  f.default_only("dampening", 0.0, "optax's momentum has no dampening")
+  tx = OPTIMIZERS[name](lr, momentum=momentum, nesterov=bool(f.get("nesterov", False)))
+  return _coupled_weight_decay(tx, f.get("weight_decay", 0.0))
+
+
+def _rmsprop(name, lr, f: _Fields):
+  # PyTorch adds eps outside the square root; its smoothing constant is alpha.
+  tx = OPTIMIZERS[name](
+      lr, decay=float(f.get("alpha", 0.99)), eps=float(f.get("eps", 1e-8)), eps_in_sqrt=False,
+      centered=bool(f.get("centered", False)), momentum=float(f.get("momentum", 0.0)) or None)
+  return _coupled_weight_decay(tx, f.get("weight_decay", 0.0))
+
+
+def _adagrad(name, lr, f: _Fields):
+  lr_decay = float(f.get("lr_decay", 0.0))
+  if lr_decay:
+    base = lr
+    lr = lambda step: (base(step) if callable(base) else base) / (1.0 + step * lr_decay)  # noqa: E731
+  tx = OPTIMIZERS[name](lr, initial_accumulator_value=float(f.get("initial_accumulator_value", 0.0)),
+                        eps=float(f.get("eps", 1e-10)))
+  return _coupled_weight_decay(tx, f.get("weight_decay", 0.0))
+
+
+def _lion(name, lr, f: _Fields):
+  b1, b2 = f.pair("betas", (0.9, 0.999))
+  return OPTIMIZERS[name](lr, b1, b2, weight_decay=float(f.get("weight_decay", 0.0)))
+
+
+def _lamb(name, lr, f: _Fields):
+  b1, b2 = f.pair("betas", (0.9, 0.999))
+  f.default_only("bias_correction", True, "optax's LAMB always corrects the bias")
+  f.default_only("amsgrad", False, "LAMB has no AMSGrad variant here")
+  f.default_only("adam_w_mode", True, "weight decay is decoupled, as in optax.lamb")
+  f.default_only("max_unorm", 1.0, "the trust ratio is optax's, not bitsandbytes' update-norm clip")
+  return OPTIMIZERS[name](lr, b1, b2, eps=float(f.get("eps", 1e-8)),
+                          weight_decay=float(f.get("weight_decay", 0.0)))
+
+
+def _lars(name, lr, f: _Fields):
+  f.default_only("dampening", 0.0, "optax's momentum has no dampening")
+  f.default_only("max_unorm", 1.0, "the trust ratio is optax's, not bitsandbytes' update-norm clip")
+  return OPTIMIZERS[name](lr, weight_decay=float(f.get("weight_decay", 0.0)),
+                          momentum=float(f.get("momentum", 0.0)), nesterov=bool(f.get("nesterov", False)))
+
+
+def _adadelta(name, lr, f: _Fields):
+  return optax.adadelta(lr, rho=float(f.get("rho", 0.9)), eps=float(f.get("eps", 1e-6)),
+                        weight_decay=float(f.get("weight_decay", 0.0)))
+
+
+def _adamax(name, lr, f: _Fields):
+  b1, b2 = f.pair("betas", (0.9, 0.999))
+  return _coupled_weight_decay(optax.adamax(lr, b1, b2, float(f.get("eps", 1e-8))),
+                               f.get("weight_decay", 0.0))
+
+
+def _nadam(name, lr, f: _Fields):
+  b1, b2 = f.pair("betas", (0.9, 0.999))
+  f.default_only("momentum_decay", 4e-3, "optax.nadam has no momentum-decay schedule")
+  return _coupled_weight_decay(optax.nadam(lr, b1, b2, float(f.get("eps", 1e-8))),
+                               f.get("weight_decay", 0.0))
+
+
+def _radam(name, lr, f: _Fields):
+  b1, b2 = f.pair("betas", (0.9, 0.999))
+  return _coupled_weight_decay(optax.radam(lr, b1, b2, float(f.get("eps", 1e-8))),
+                               f.get("weight_decay", 0.0))
+
+
+def _adafactor(name, lr, f: _Fields):
+  eps = f.get("eps", (1e-30, 1e-3))
+  eps = float(eps[0] if isinstance(eps, (list, tuple)) else eps)
+  f.default_only("relative_step", False, "pass an explicit learning rate (or schedule) instead")
+  f.default_only("warmup_init", False, "use an optax warm-up schedule as the learning rate")
+  beta1 = f.get("beta1", None)
+  wd = float(f.get("weight_decay", 0.0))
+  return optax.adafactor(
+      lr, decay_rate=abs(float(f.get("decay_rate", -0.8))),
+      clipping_threshold=f.get("clip_threshold", 1.0),
+      momentum=None if beta1 is None else float(beta1),
+      multiply_by_parameter_scale=bool(f.get("scale_parameter", True)),
+      weight_decay_rate=wd or None, eps=eps)
+
+
+def _schedule_free_adamw(name, lr, f: _Fields):
+  b1, b2 = f.pair("betas", (0.9, 0.999))
+  return optax.contrib.schedule_free_adamw(
+      lr, warmup_steps=f.get("warmup_steps", None), b1=b1, b2=b2, eps=float(f.get("eps", 1e-8)),
+      weight_decay=float(f.get("weight_decay", 0.0)),
+      weight_lr_power=float(f.get("weight_lr_power", 2.0)))
+
+
+def _muon(name, lr, f: _Fields):
+  b1, b2 = f.pair("adamw_betas", (0.9, 0.999))
+  return optax.contrib.muon(
+      lr, beta=float(f.get("momentum", 0.95)), nesterov=bool(f.get("nesterov", True)),
+      ns_steps=int(f.get("ns_steps", 5)), eps=float(f.get("eps", 1e-8)),
+      weight_decay=float(f.get("weight_decay", 0.0)), adam_b1=b1, adam_b2=b2)
+
+
+def _family(builder, *names):
+  return {n: builder for n in names}
+
+
+# Ludwig optimizer type -> builder(name, learning_rate, fields).
+LUDWIG_TYPES: dict[str, Callable] = {
+    **_family(_sgd, "sgd", "sgd_8bit"),
+    **_family(_adam, "adam", "adam_8bit", "paged_adam", "paged_adam_8bit",
+              "adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"),
+    **_family(_adagrad, "adagrad", "adagrad_8bit"),
+    **_family(_rmsprop, "rmsprop", "rmsprop_8bit"),
+    **_family(_lamb, "lamb", "lamb_8bit"),
+    **_family(_lars, "lars", "lars_8bit"),
+    **_family(_lion, "lion", "lion_8bit", "paged_lion", "paged_lion_8bit"),
+    "adadelta": _adadelta,
+    "adamax": _adamax,
+    "nadam": _nadam,
+    "radam": _radam,
+    "adafactor": _adafactor,
+    "schedule_free_adamw": _schedule_free_adamw,
+    "muon": _muon,
+}
+
+# Fields each type accepts (Ludwig's names), besides "type".
+_BITSANDBYTES = ("block_wise", "percentile_clipping")
+LUDWIG_FIELDS: dict[str, tuple[str, ...]] = {
+    "sgd": ("momentum", "weight_decay", "dampening", "nesterov"),
+    "adam": ("betas", "eps", "weight_decay", "amsgrad"),
+    "adagrad": ("initial_accumulator_value", "lr_decay", "weight_decay", "eps"),
+    "rmsprop": ("momentum", "alpha", "eps", "centered", "weight_decay"),
+    "lamb": ("bias_correction", "betas", "eps", "weight_decay", "amsgrad", "adam_w_mode",
+             "max_unorm") + _BITSANDBYTES,
+    "lars": ("momentum", "dampening", "weight_decay", "nesterov", "max_unorm") + _BITSANDBYTES,
+    "lion": ("betas", "weight_decay") + _BITSANDBYTES,
+    "adadelta": ("rho", "eps", "weight_decay"),
+    "adamax": ("betas", "eps", "weight_decay"),
+    "nadam": ("betas", "eps", "weight_decay", "momentum_decay"),
+    "radam": ("betas", "eps", "weight_decay"),
+    "adafactor": ("eps", "clip_threshold", "decay_rate", "beta1", "weight_decay",
+                  "scale_parameter", "relative_step", "warmup_init"),
+    "schedule_free_adamw": ("betas", "eps", "weight_decay", "warmup_steps", "weight_lr_power"),
+    "muon": ("momentum", "nesterov", "ns_steps", "eps", "weight_decay", "adamw_betas"),
+}
+
+
+def _accepted_fields(type_name: str) -> tuple[str, ...]:
+  base = type_name.removeprefix("paged_").removesuffix("_8bit")
+  base = "adam" if base == "adamw" else base
+  fields = LUDWIG_FIELDS[base]
+  if type_name != base and type_name not in ("adamw",):
+    fields = tuple(dict.fromkeys(fields + _BITSANDBYTES))
+  return fields
+
+
+def ludwig_types() -> list[str]:
+  """Every Ludwig optimizer type :func:`from_config` accepts, sorted."""
+  return sorted(LUDWIG_TYPES)
+
+
+def _load(config):
+  if isinstance(config, Mapping):
+    return dict(config)
+  if isinstance(config, (str, os.PathLike)):
+    import yaml  # PyYAML comes with flax
+
+    text = str(config)
+    if isinstance(config, os.PathLike) or ("\n" not in text and os.path.isfile(text)):
+      with open(config) as fh:
+        text = fh.read()
+    loaded = yaml.safe_load(text)
+    if not isinstance(loaded, Mapping):
+      raise ValueError(f"The config must be a mapping (YAML document), got {type(loaded).__name__}: "
+                       f"{str(config)[:80]!r} (a file path that does not exist?).")
+    return dict(loaded)
+  raise TypeError(f"config must be a mapping, YAML text or a file path, got {type(config).__name__}.")
+
+
+def from_config(config, learning_rate=None) -> optax.GradientTransformation:
+  """Builds an optimizer from a Ludwig (or bitsandbytes-style) config.
+
+  Args:
+    config: a mapping, YAML text or YAML file path holding either an optimizer
+      section (with ``type``) or a Ludwig document with
+      ``trainer: {learning_rate: ..., optimizer: {...}}``.
+    learning_rate: overrides the config's ``trainer.learning_rate``; needed
+      when the config has none.
+
+  Returns:
+    An ``optax.GradientTransformation``; with ``percentile_clipping < 100``
+    it is ``optax.chain(percentile_clipping(p), optimizer)``.
+
+  Raises:
+    ValueError: for an unknown type or field (naming it and listing what is
+      accepted), ``block_wise: false`` on an 8-bit type, or a value this
+      library cannot honour.
+
+  Examples:
+    >>> import optax_paged
+    >>> tx = optax_paged.from_config(
+    ...     {"type": "paged_adamw_8bit", "betas": [0.9, 0.999], "eps": 1e-8,
+    ...      "weight_decay": 0.0}, learning_rate=3e-4)
+    >>> tx = optax_paged.from_config('''
+    ... trainer:
+    ...   learning_rate: 0.001
+    ...   optimizer:
+    ...     type: lion_8bit
+    ...     betas: [0.95, 0.98]
+    ...     weight_decay: 0.01
+    ...     percentile_clipping: 95
+    ... ''')
+  """
+  doc = _load(config)
+  section = doc
+  if "trainer" in doc:
+    trainer = doc["trainer"] or {}
+    if learning_rate is None:
+      learning_rate = trainer.get("learning_rate")
+    section = trainer.get("optimizer", {"type": "adam"})
+  elif "optimizer" in doc and "type" not in doc:
+    section = doc["optimizer"]
+  if not isinstance(section, Mapping) or "type" not in section:
+    raise ValueError("The optimizer section needs a 'type' (one of: " + ", ".join(ludwig_types()) + ").")
+  type_name = section["type"]
+  if type_name not in LUDWIG_TYPES:
+    raise ValueError(f"Unknown optimizer type {type_name!r}; accepted: {', '.join(ludwig_types())}.")
+  if learning_rate is None:
+    raise ValueError("No learning rate: pass learning_rate= or set trainer.learning_rate.")
+  if isinstance(learning_rate, str):
+    raise ValueError(f"learning_rate {learning_rate!r} is not a number (Ludwig's 'auto' learning "
+                     "rate search is not supported: pass a number or a schedule).")
+  accepted = _accepted_fields(type_name)
+  unknown = sorted(set(section) - {"type"} - set(accepted))
+  if unknown:
+    raise ValueError(f"{type_name} does not take field(s) {', '.join(unknown)}; "
+                     f"accepted: {', '.join(accepted)}.")
+  fields = _Fields(type_name, {k: v for k, v in section.items() if k != "type"})
+  eight_bit = type_name.endswith("_8bit")
+  if eight_bit and fields.get("block_wise", True) is False:
+    raise ValueError(
+        f"{type_name}: block_wise=False (one scale per whole tensor) is not supported: "
+        "optax-paged always quantizes in blocks of 256 values, which is what makes 8-bit "
+        "states as accurate as float32 ones. Remove the field or set it to true.")
+  fields.get("block_wise")
+  clip = int(fields.get("percentile_clipping", 100))
+  if isinstance(learning_rate, (int, float)):
+    learning_rate = float(learning_rate)
+  tx = LUDWIG_TYPES[type_name](type_name, learning_rate, fields)
+  return optax.chain(percentile_clipping(clip), tx) if clip < 100 else tx

@@ -50,10 +50,19 @@ QuantizeMask = Any  # None | pytree of bools | Callable[[key_path, leaf], bool]
 
 
 class MomentSpec(NamedTuple):
-  """One state array of a rule: its field name and which code book it uses."""
+  """One state array of a rule: field name, code book and initial value.
+
+  Attributes:
+    name: the state field holding the moment (``name + "_absmax"`` holds the
+      block scales).
+    signed: signed map (any sign) or unsigned map (non-negative moments).
+    init: initial value of every element, >= 0 (e.g. Adagrad's initial
+      accumulator); stored exactly, as code 1.0 with scale ``init``.
+  """
 
   name: str
   signed: bool
+  init: Any = 0.0
 
 
 class ScaleByAdam8bitState(NamedTuple):
@@ -72,6 +81,11 @@ class ScaleByAdam8bitState(NamedTuple):
   nu: optax.Updates
   mu_absmax: optax.Updates
   nu_absmax: optax.Updates
+
+
+# Which code book each moment field uses: class-level metadata (never part of
+# the state's arrays), read by dequantize_state.
+ScaleByAdam8bitState.SIGNED = {"mu": True, "nu": False}
 
 
 # ---------------------------------------------------------------------------
@@ -272,6 +286,12 @@ def scale_by_rule_8bit(
   block_size = qz.check_block_size(block_size)
   backend = backend_lib.check_backend(backend)
   guarded = functools.partial(_guarded_rule, rule)
+  if getattr(state_cls, "SIGNED", None) != {m.name: m.signed for m in moments}:
+    raise ValueError(
+        f"{state_cls.__name__}.SIGNED must map each moment field to its code book "
+        f"({ {m.name: m.signed for m in moments} }): dequantize_state reads it.")
+  for m in moments:
+    check_hyperparam(f"initial value of {m.name}", m.init, 0.0)
   min_8bit_size = check_min_8bit_size(min_8bit_size)
   moments = tuple(moments)
   names = [m.name for m in moments]
@@ -284,13 +304,18 @@ def scale_by_rule_8bit(
     def leaf_state(p, flag):
       if flag:
         codes = tuple(
-            jnp.full_like(p, codebooks.ZERO_CODE[s], dtype=jnp.uint8)
-            for s in signed
+            jnp.full_like(p, codebooks.ZERO_CODE[m.signed], dtype=jnp.uint8)
+            if _is_zero(m.init) else
+            jnp.where(jnp.asarray(m.init) > 0, jnp.uint8(ONE_CODE),
+                      jnp.uint8(codebooks.ZERO_CODE[m.signed])) + jnp.zeros_like(p, dtype=jnp.uint8)
+            for m in moments
         )
-        scales = tuple(_zeros_absmax(p, block_size) for _ in signed)
+        scales = tuple(
+            _zeros_absmax(p, block_size) + jnp.asarray(m.init, jnp.float32) for m in moments
+        )
         return codes + scales
-      zeros = tuple(jnp.zeros_like(p, dtype=jnp.float32) for _ in signed)
-      return zeros + (None,) * len(signed)
+      inits = tuple(jnp.full_like(p, m.init, dtype=jnp.float32) for m in moments)
+      return inits + (None,) * len(signed)
 
     per_leaf = jax.tree.map(leaf_state, params, flags)
     fields = _unzip(params, per_leaf, 2 * len(signed))
@@ -302,7 +327,9 @@ def scale_by_rule_8bit(
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_increment(state.count)
-    hparams = dict(hparams_fn(count))
+    # float32 scalars, as the kernels read them: with Python floats XLA would
+    # fold e.g. ``1 - b1`` in float64, and the two backends would round apart.
+    hparams = {k: jnp.asarray(v, jnp.float32) for k, v in hparams_fn(count).items()}
     flags = _quantize_flags(updates, min_8bit_size, quantize_mask)
     moment_trees = [getattr(state, n) for n in names]
     absmax_trees = [getattr(state, n + "_absmax") for n in names]
@@ -333,6 +360,13 @@ def scale_by_rule_8bit(
     return fields[0], new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+ONE_CODE = 255  # index of 1.0 in both maps
+
+
+def _is_zero(x) -> bool:
+  return not isinstance(x, jax.core.Tracer) and not callable(x) and float(x) == 0.0
 
 
 def _zeros_absmax(p, block_size):
@@ -412,4 +446,264 @@ def scale_by_adam_8bit(
       min_8bit_size=min_8bit_size,
       quantize_mask=quantize_mask,
       backend=backend,
+  )
+
+
+class ScaleByLion8bitState(NamedTuple):
+
+  """State of :func:`scale_by_lion_8bit`: count, momentum codes and scales."""
+
+  count: jax.Array
+  mu: optax.Updates
+  mu_absmax: optax.Updates
+ScaleByLion8bitState.SIGNED = {"mu": True}
+
+
+class Trace8bitState(NamedTuple):
+
+  """State of :func:`trace_8bit`: count, momentum trace codes and scales."""
+
+  count: jax.Array
+  trace: optax.Updates
+  trace_absmax: optax.Updates
+Trace8bitState.SIGNED = {"trace": True}
+
+
+class ScaleByRms8bitState(NamedTuple):
+
+  """State of :func:`scale_by_rms_8bit` (``nu``: unsigned map)."""
+
+  count: jax.Array
+  nu: optax.Updates
+  nu_absmax: optax.Updates
+ScaleByRms8bitState.SIGNED = {"nu": False}
+
+
+class ScaleByRss8bitState(NamedTuple):
+
+  """State of :func:`scale_by_rss_8bit` (``sum_of_squares``: unsigned map)."""
+
+  count: jax.Array
+  sum_of_squares: optax.Updates
+  sum_of_squares_absmax: optax.Updates
+ScaleByRss8bitState.SIGNED = {"sum_of_squares": False}
+
+
+class ScaleByAdemamix8bitState(NamedTuple):
+
+  """State of :func:`scale_by_ademamix_8bit` (``m1``, ``m2`` signed, ``nu`` unsigned)."""
+
+  count: jax.Array
+  m1: optax.Updates
+  m2: optax.Updates
+  nu: optax.Updates
+  m1_absmax: optax.Updates
+  m2_absmax: optax.Updates
+  nu_absmax: optax.Updates
+ScaleByAdemamix8bitState.SIGNED = {"m1": True, "m2": True, "nu": False}
+
+
+_EXTRAS_DOC = """    block_size: elements per quantization block (power of two, 64..4096).
+    min_8bit_size: leaves with fewer elements keep float32 state.
+    quantize_mask: pytree of bools or ``(key_path, leaf) -> bool``; ``False``
+      leaves keep float32 state.
+    backend: ``"auto"``, ``"pallas"`` or ``"xla"`` (see
+      :mod:`optax_paged.backend`)."""
+
+
+def with_extras_doc(fn):
+  """Fills the ``{extras}`` placeholder of a docstring with the 8-bit keyword args."""
+  fn.__doc__ = fn.__doc__.replace("{extras}", _EXTRAS_DOC)
+  return fn
+
+
+@with_extras_doc
+def scale_by_lion_8bit(
+    b1: float = 0.9,
+    b2: float = 0.99,
+    *,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    quantize_mask: QuantizeMask = None,
+    backend: str = "auto",
+) -> optax.GradientTransformation:
+  """``optax.scale_by_lion`` with its momentum in 8 bits (signed map).
+
+  Args:
+    b1: interpolation weight of the momentum in the update's sign.
+    b2: decay of the momentum.
+{extras}
+
+  Returns:
+    An ``optax.GradientTransformation`` with ``ScaleByLion8bitState``.
+
+  References:
+    Chen et al., `Symbolic Discovery of Optimization Algorithms
+    <https://arxiv.org/abs/2302.06675>`_, 2023.
+  """
+  check_hyperparam("b1", b1, 0.0, 1.0)
+  check_hyperparam("b2", b2, 0.0, 1.0, high_open=True)
+  return scale_by_rule_8bit(
+      rules.lion_rule, (MomentSpec("mu", signed=True),),
+      lambda count: rules.lion_hparams(b1, b2), ScaleByLion8bitState,
+      block_size=block_size, min_8bit_size=min_8bit_size,
+      quantize_mask=quantize_mask, backend=backend,
+  )
+
+
+@with_extras_doc
+def trace_8bit(
+    decay: float,
+    nesterov: bool = False,
+    *,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    quantize_mask: QuantizeMask = None,
+    backend: str = "auto",
+) -> optax.GradientTransformation:
+  """``optax.trace`` (momentum) with its trace in 8 bits (signed map).
+
+  Args:
+    decay: momentum coefficient.
+    nesterov: Nesterov momentum.
+{extras}
+
+  Returns:
+    An ``optax.GradientTransformation`` with ``Trace8bitState``.
+
+  References:
+    Sutskever et al., `On the importance of initialization and momentum in
+    deep learning <https://proceedings.mlr.press/v28/sutskever13.html>`_, 2013.
+  """
+  check_hyperparam("momentum", decay, 0.0)
+  rule = rules.nesterov_momentum_rule if nesterov else rules.momentum_rule
+  return scale_by_rule_8bit(
+      rule, (MomentSpec("trace", signed=True),),
+      lambda count: rules.momentum_hparams(decay), Trace8bitState,
+      block_size=block_size, min_8bit_size=min_8bit_size,
+      quantize_mask=quantize_mask, backend=backend,
+  )
+
+
+@with_extras_doc
+def scale_by_rms_8bit(
+    decay: float = 0.9,
+    eps: float = 1e-8,
+    initial_scale: float = 0.0,
+    eps_in_sqrt: bool = True,
+    bias_correction: bool = False,
+    *,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    quantize_mask: QuantizeMask = None,
+    backend: str = "auto",
+) -> optax.GradientTransformation:
+  """``optax.scale_by_rms`` with its second moment in 8 bits.
+
+  The second moment is non-negative, so it uses the unsigned map (twice the
+  resolution of the signed map bitsandbytes uses for every one-state
+  optimizer; ``tests/test_family.py`` measures the difference).
+
+  Args:
+    decay: decay of the moving average of squared gradients.
+    eps: added to the denominator (inside or outside the square root).
+    initial_scale: initial value of the moving average.
+    eps_in_sqrt: whether ``eps`` goes inside the square root.
+    bias_correction: whether to bias-correct the moving average.
+{extras}
+
+  Returns:
+    An ``optax.GradientTransformation`` with ``ScaleByRms8bitState``.
+
+  References:
+    Tieleman & Hinton, Lecture 6.5 - RMSProp, COURSERA, 2012.
+  """
+  check_hyperparam("decay", decay, 0.0, 1.0, high_open=True)
+  check_hyperparam("eps", eps, 0.0)
+  return scale_by_rule_8bit(
+      rules.rms_rule, (MomentSpec("nu", signed=False, init=initial_scale),),
+      lambda count: rules.rms_hparams(decay, eps, eps_in_sqrt, bias_correction, count),
+      ScaleByRms8bitState,
+      block_size=block_size, min_8bit_size=min_8bit_size,
+      quantize_mask=quantize_mask, backend=backend,
+  )
+
+
+@with_extras_doc
+def scale_by_rss_8bit(
+    initial_accumulator_value: float = 0.1,
+    eps: float = 1e-7,
+    *,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    quantize_mask: QuantizeMask = None,
+    backend: str = "auto",
+) -> optax.GradientTransformation:
+  """``optax.scale_by_rss`` (Adagrad) with its accumulator in 8 bits (unsigned map).
+
+  Args:
+    initial_accumulator_value: starting value of the sum of squares.
+    eps: added inside the square root.
+{extras}
+
+  Returns:
+    An ``optax.GradientTransformation`` with ``ScaleByRss8bitState``.
+
+  References:
+    Duchi et al., `Adaptive Subgradient Methods for Online Learning and
+    Stochastic Optimization <https://jmlr.org/papers/v12/duchi11a.html>`_, 2011.
+  """
+  check_hyperparam("eps", eps, 0.0)
+  return scale_by_rule_8bit(
+      rules.rss_rule,
+      (MomentSpec("sum_of_squares", signed=False, init=initial_accumulator_value),),
+      lambda count: rules.rss_hparams(eps), ScaleByRss8bitState,
+      block_size=block_size, min_8bit_size=min_8bit_size,
+      quantize_mask=quantize_mask, backend=backend,
+  )
+
+
+@with_extras_doc
+def scale_by_ademamix_8bit(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: optax.ScalarOrSchedule = 0.9999,
+    alpha: optax.ScalarOrSchedule = 5.0,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+    quantize_mask: QuantizeMask = None,
+    backend: str = "auto",
+) -> optax.GradientTransformation:
+  """``optax.contrib.scale_by_ademamix`` with its three moments in 8 bits.
+
+  Args:
+    b1: decay of the fast first moment.
+    b2: decay of the second moment.
+    b3: decay of the slow first moment, a float or a schedule (warm-up).
+    alpha: weight of the slow moment, a float or a schedule (warm-up).
+    eps: term added to the denominator outside the square root.
+    eps_root: term added to the second moment inside the square root.
+{extras}
+
+  Returns:
+    An ``optax.GradientTransformation`` with ``ScaleByAdemamix8bitState``.
+
+  References:
+    Pagliardini et al., `The AdEMAMix Optimizer: Better, Faster, Older
+    <https://arxiv.org/abs/2409.03137>`_, 2024.
+  """
+  check_hyperparam("b1", b1, 0.0, 1.0, high_open=True)
+  check_hyperparam("b2", b2, 0.0, 1.0, high_open=True)
+  check_hyperparam("b3", b3, 0.0, 1.0, high_open=True)
+  check_hyperparam("eps", eps, 0.0)
+  return scale_by_rule_8bit(
+      rules.ademamix_rule,
+      (MomentSpec("m1", signed=True), MomentSpec("m2", signed=True), MomentSpec("nu", signed=False)),
+      lambda count: rules.ademamix_hparams(b1, b2, b3, alpha, eps, eps_root, count),
+      ScaleByAdemamix8bitState,
+      block_size=block_size, min_8bit_size=min_8bit_size,
+      quantize_mask=quantize_mask, backend=backend,
   )

@@ -18,44 +18,10 @@ PAIRS = {
 }
 
 
-def _dequantized_moments(state, block_size=256):
+def _dequantized_moments(state):
   """float32 ``(mu, nu)`` trees of a ScaleByAdam8bitState."""
-  def deq(codes, absmax, signed):
-    if absmax is None:
-      return codes
-    return qz.dequantize_blockwise(qz.QuantizedArray(codes, absmax), signed=signed, block_size=block_size)
-  mu = jax.tree.map(lambda c, a: deq(c, a, True), state.mu, state.mu_absmax, is_leaf=lambda x: x is None)
-  nu = jax.tree.map(lambda c, a: deq(c, a, False), state.nu, state.nu_absmax, is_leaf=lambda x: x is None)
-  return mu, nu
-
-
-@pytest.mark.parametrize("name", ["adam", "adamw"])
-@pytest.mark.parametrize("dim2", [32, 1024, 4097])
-def test_bitsandbytes_protocol_with_resync(name, dim2):
-  """bitsandbytes' test_optimizer8bit, with params and state re-synced every step."""
-  make8, make32 = PAIRS[name]
-  tx8, tx32 = make8(1e-3), make32(1e-3)
-  key = jax.random.PRNGKey(dim2)
-  p = jax.random.normal(key, (1024, dim2)) * 0.1
-  s8, s32 = tx8.init(p), tx32.init(p)
-
-  @jax.jit
-  def step(p, s8, s32, g):
-    u8, s8 = tx8.update(g, s8, p)
-    u32, s32 = tx32.update(g, s32, p)
-    return optax.apply_updates(p, u8), s8, optax.apply_updates(p, u32), s32
-
-  for i in range(50):
-    g = jax.random.normal(jax.random.fold_in(key, i), p.shape) * 0.01
-    p8, s8, p32, s32 = step(p, s8, s32, g)
-    err = jnp.abs(p8 - p32)
-    rel = err / (jnp.abs(p32) + 1e-9)
-    assert float(err.mean()) < 6e-5, (i, float(err.mean()))
-    assert float(rel.mean()) < 6e-4, (i, float(rel.mean()))
-    # Re-sync: the float32 optimizer continues from the 8-bit state.
-    mu, nu = _dequantized_moments(s8[0])
-    s32 = (s32[0]._replace(mu=mu, nu=nu, count=s8[0].count),) + tuple(s32[1:])
-    p = p8
+  floats = op.dequantize_state(state)
+  return floats.mu, floats.nu
 
 
 def _parabola(dtype):
@@ -72,12 +38,9 @@ def _rosenbrock(dtype):
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])
-@pytest.mark.parametrize(
-    "problem, dtype",
-    [(_parabola, jnp.float32), (_rosenbrock, jnp.float32), (_parabola, jnp.bfloat16)],
-)
-def test_converges_like_optax_alias_tests(name, problem, dtype):
-  """optax's test_alias.test_optimization, with every leaf forced to 8 bits.
+@pytest.mark.parametrize("problem, dtype", [(_parabola, jnp.bfloat16)])
+def test_converges_with_bfloat16_params(name, problem, dtype):
+  """optax's alias convergence test in bfloat16 (float32: tests/test_family.py).
 
   Rosenbrock is float32 only: in bfloat16 parameters optax's own Adam stalls
   at (0.977, 0.949) and every variant wanders in the valley at bf16 resolution.

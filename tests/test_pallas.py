@@ -11,6 +11,7 @@ import pytest
 import optax_paged as op
 from optax_paged import backend as backend_lib
 from optax_paged import codebooks
+from optax_paged import dynamic_map
 from optax_paged import quantization as qz
 from optax_paged import rules
 from optax_paged import transform
@@ -34,10 +35,22 @@ def _inputs(shape, block_size, signed, dtype, seed=0):
 SHAPES = [(8, 4096), (100, 77), (3, 4097), (5000,)]
 
 
-@pytest.mark.parametrize("name", sorted(rules.RULES))
-@pytest.mark.parametrize("block_size", [64, 256, 4096])
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+# Adam (both code books) over every block size and shape (bfloat16 at 256);
+# every other
+# rule over the shapes with partial last blocks, in both dtypes (the kernel is
+# generic: rules differ only in their elementwise arithmetic).
+FUSED_CASES = [
+    ("adam", b, shape, jnp.float32) for b in (64, 256, 4096) for shape in SHAPES
+] + [("adam", 256, shape, jnp.bfloat16) for shape in SHAPES[1:3]] + [
+    (name, 256, shape, dtype)
+    for name in sorted(rules.RULES) if name != "adam"
+    for shape, dtype in (((100, 77), jnp.float32), ((3, 4097), jnp.bfloat16), ((5000,), jnp.float32))
+]
+
+
+@pytest.mark.parametrize(
+    "name, block_size, shape, dtype", FUSED_CASES,
+    ids=[f"{n}-{b}-{s}-{jnp.dtype(d).name}" for n, b, s, d in FUSED_CASES])
 def test_fused_kernel_equals_xla_path(name, block_size, shape, dtype):
   spec = rules.RULES[name]
   grad, codes, absmax = _inputs(shape, block_size, spec.signed, dtype)
@@ -48,14 +61,34 @@ def test_fused_kernel_equals_xla_path(name, block_size, shape, dtype):
   guarded = functools.partial(transform._guarded_rule, spec.rule)
   d_p, c_p, a_p = backend_lib.update_quantized_leaf_pallas(
       guarded, grad, codes, absmax, spec.signed, hparams, block_size, True)
-  for x, p in zip(c_x, c_p):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(p))
+  # Codes are identical except where float32 rounding of the new moment
+  # (XLA contracts multiply-adds into FMAs differently in the two compiled
+  # bodies) puts it within a few ulps of the midpoint between two codes.
+  old = tuple(qz.dequantize_blockwise(qz.QuantizedArray(c, a), signed=s, block_size=block_size)
+              for c, a, s in zip(codes, absmax, spec.signed))
+  _, new = transform._guarded_rule(spec.rule, grad.astype(jnp.float32), old, hparams)
+  for x, p, n, a, s in zip(c_x, c_p, new, a_x, spec.signed):
+    x, p = np.asarray(x), np.asarray(p)
+    differ = x != p
+    assert differ.mean() < 1e-3
+    if differ.any():
+      scale = np.repeat(np.asarray(a).reshape(-1), block_size)[: x.size].reshape(x.shape)
+      y = np.asarray(n)[differ] / scale[differ]
+      table = dynamic_map(s).astype(np.float64)
+      mid = (table[x[differ]] + table[p[differ]]) / 2
+      assert np.all(np.abs(x[differ].astype(int) - p[differ]) == 1)
+      np.testing.assert_allclose(y, mid, rtol=1e-5, atol=1e-9)
   for x, p in zip(a_x, a_p):
     np.testing.assert_allclose(np.asarray(x), np.asarray(p), rtol=1e-6, atol=0)
-  np.testing.assert_allclose(
-      np.asarray(d_x.astype(grad.dtype).astype(jnp.float32)), np.asarray(d_p.astype(jnp.float32)),
-      rtol=1e-6 if dtype == jnp.float32 else 1e-2, atol=1e-30)
   assert d_p.dtype == grad.dtype and d_p.shape == grad.shape
+  # Directions to float32 rounding: relative to the largest one, since a rule
+  # may cancel (AdEMAMix adds two momenta) and FMA contraction differs.
+  dx = np.asarray(d_x.astype(grad.dtype).astype(jnp.float32))
+  dp = np.asarray(d_p.astype(jnp.float32))
+  finite = np.isfinite(dx)
+  np.testing.assert_array_equal(finite, np.isfinite(dp))
+  np.testing.assert_allclose(dx[finite], dp[finite], rtol=1e-6 if dtype == jnp.float32 else 1e-2,
+                             atol=1e-6 * np.abs(dx[finite]).max())
 
 
 @pytest.mark.parametrize("signed", [True, False])

@@ -109,7 +109,7 @@ def test_encode_decode_encode_is_stable(signed):
 @pytest.mark.parametrize(
     "shape", [(), (1,), (255,), (257,), (3, 5, 7), (4, 512), (1000, 300), (2, 3, 1024)]
 )
-@pytest.mark.parametrize("block_size", [64, 128, 256, 512, 1024, 2048, 4096])
+@pytest.mark.parametrize("block_size", [64, 256, 1024, 4096])
 def test_any_shape_and_block_size(shape, block_size):
   x = jnp.asarray(_data("normal", shape, seed=len(shape)))
   q = quantize_blockwise(x, block_size=block_size)
