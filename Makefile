@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench notebooks clean
 
 $(PY):
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ needed"'
@@ -23,9 +23,14 @@ demo: $(VENV)/.installed-demo
 	$(PY) -m optax_paged demo $(ARGS)
 
 # OPTAX_PAGED_REQUIRE_PARITY makes a missing torch/bitsandbytes a failure
-# instead of a skip: the parity tests must run here and in CI.
+# instead of a skip: the parity tests must run here and in CI. --nbmake runs
+# the notebooks as tests too.
 test: $(VENV)/.installed-test
-	OPTAX_PAGED_REQUIRE_PARITY=1 $(PY) -m pytest $(ARGS)
+	OPTAX_PAGED_REQUIRE_PARITY=1 $(PY) -m pytest --nbmake tests notebooks $(ARGS)
+
+# Re-run the notebooks in place so their committed copies show their outputs.
+notebooks: $(VENV)/.installed-test
+	$(PY) notebooks/execute.py
 
 bench: $(VENV)/.installed-test
 	$(PY) benchmarks/step_time.py $(ARGS)

@@ -119,7 +119,7 @@ class RunResult(NamedTuple):
     return self.memory.num_params
 
 
-def _batches(data: np.ndarray, steps: int, batch: int, seq_len: int, seed: int):
+def batches(data: np.ndarray, steps: int, batch: int, seq_len: int, seed: int):
   rng = np.random.default_rng(seed)
   starts = rng.integers(0, len(data) - seq_len - 1, size=(steps, batch))
   idx = starts[..., None] + np.arange(seq_len + 1)
@@ -315,8 +315,8 @@ def run(args) -> int:
     return 2
   data = np.frombuffer(text, dtype=np.uint8)
   split = int(len(data) * 0.9)
-  train_tokens = _batches(data[:split], args.steps, batch, seq_len, args.seed)
-  val_tokens = _batches(data[split:], 8, batch, seq_len, args.seed + 1)
+  train_tokens = batches(data[:split], args.steps, batch, seq_len, args.seed)
+  val_tokens = batches(data[split:], 8, batch, seq_len, args.seed + 1)
   print(
       f"optax-paged demo: {args.model} char-level transformer, {args.steps} steps, "
       f"batch {batch}x{seq_len} bytes, on {source} ({len(text) / 1e3:.0f} kB); "

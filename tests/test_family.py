@@ -181,7 +181,7 @@ def test_unsigned_map_is_better_for_non_negative_single_states():
   scales spread over four decades.
   """
   rng = np.random.default_rng(0)
-  shape = (256, 1024)
+  shape = (128, 1024)
   scale = (10.0 ** rng.uniform(-4, 0, shape)).astype(np.float32)
   grads = jnp.asarray(rng.standard_normal((100,) + shape).astype(np.float32) * scale)
   p0 = jnp.asarray(rng.standard_normal(shape).astype(np.float32) * 0.1)
