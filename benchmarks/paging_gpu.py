@@ -112,38 +112,125 @@ def bandwidth():
       jax.block_until_ready(jax.device_put(src, src.sharding.with_memory_kind(kind)))
       times.append(time.perf_counter() - t0)
     out[name] = x.nbytes / min(times)
+  del x, host
   return out
 
 
-def _spawn(optimizer, layers, a):
+def _spawn(optimizer, layers, a, extra=()):
   cmd = [sys.executable, __file__, "--worker", "--optimizer", optimizer, "--layers", str(layers),
-         "--width", str(a.width), "--batch", str(a.batch), "--steps", str(a.steps)]
-  out = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-  lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+         "--width", str(a.width), "--batch", str(a.batch), "--steps", str(a.steps), *extra]
+  env = dict(os.environ)
+  env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
+  if "--search-worker" in extra:
+    # A smaller "device": the search stays quick and its answer scales.
+    env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(a.search_fraction)
+  try:
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=env)
+    stdout, stderr = out.stdout, out.stderr
+  except subprocess.TimeoutExpired as e:  # keep what it printed (search progress)
+    stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    stderr = f"timed out after {a.timeout} s"
+  lines = [l for l in stdout.splitlines() if l.startswith("{")]
+  if lines and stderr.startswith("timed out"):
+    return {**json.loads(lines[-1]), "error": stderr}
   if not lines:
     return {"optimizer": optimizer, "layers": layers, "ok": False,
-            "error": (out.stderr or "no output")[-300:]}
+            "error": (stderr or "no output")[-300:]}
   return json.loads(lines[-1])
 
 
-def largest(optimizer, a):
-  """Largest number of layers that trains, by doubling then bisection."""
-  lo, hi = 0, None
-  n = max(1, a.layers // 2)
-  while hi is None:
-    if _spawn(optimizer, n, a)["ok"]:
-      lo, n = n, n * 2
-    else:
-      hi = n
-    if n > 4096:
-      break
-  while hi is not None and hi - lo > 1:
+def _out_of_memory(e: Exception) -> bool:
+  text = str(e)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def search_worker(args):
+  """Largest number of layers that trains (2 steps), searched in this process.
+
+  Starts from a guess, walks up while models train and down while they run
+  out of memory; every tried size is built, initialized and stepped for
+  real. Prints one JSON line.
+  """
+  import gc
+
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  tx = _build(args.optimizer)
+
+  def attempt(layers):
+    key = jax.random.PRNGKey(0)
+    params = {f"layer_{i}": jax.random.normal(jax.random.fold_in(key, i), (args.width, args.width),
+                                              jnp.float32) * (1.0 / args.width**0.5)
+              for i in range(layers)}
+    x = jax.random.normal(key, (args.batch, args.width))
+
+    def loss_fn(params):
+      h = x
+      for i in range(layers):
+        h = jnp.tanh(h @ params[f"layer_{i}"])
+      return jnp.mean(h**2)
+
+    def train_step(params, state):
+      loss, grads = jax.value_and_grad(loss_fn)(params)
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state, loss
+
+    step = jax.jit(train_step, donate_argnums=(0, 1))
+    try:
+      state = tx.init(params)
+      for _ in range(2):
+        params, state, loss = step(params, state)
+      jax.block_until_ready(loss)
+      return True, None
+    except Exception as e:  # noqa: BLE001
+      if not _out_of_memory(e):
+        return False, f"{type(e).__name__}: {str(e)[:300]}"
+      return False, "out of memory"
+    finally:
+      del params
+      jax.clear_caches()
+      gc.collect()
+
+  # No statistics (CPU): a nominal 1 GiB, to check the search itself runs.
+  limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit") or 2**30
+  per_layer = args.width**2
+  # Guess: device bytes per parameter (params + grads + device-resident state).
+  guess_bpp = {"adamw": 18, "adamw_8bit": 12, "paged_adamw": 10, "paged_adamw_8bit": 10}
+  base = args.optimizer.split("@")[0]
+  n = max(1, int(0.9 * limit / (guess_bpp.get(base, 18) * per_layer)))
+  tried, error = {}, None
+
+  def report():
+    best = max((k for k, v in tried.items() if v), default=0)
+    print(json.dumps({"optimizer": args.optimizer, "bytes_limit": limit, "largest_layers": best,
+                      "largest_params": best * per_layer, "tried": tried, "error": error}), flush=True)
+
+  def run(n):
+    nonlocal error
+    ok, err = attempt(n)
+    tried[n] = ok
+    if err and err != "out of memory":
+      error = err
+    report()  # progress: the last line is the answer so far
+    return ok
+
+  # Gallop from the guess until a size fails (or trains), then bisect.
+  lo, hi, step = 0, None, max(1, n // 8)
+  if run(n):
+    lo = n
+    while error is None and hi is None and len(tried) < 12:
+      n, step = n + step, step * 2
+      lo, hi = (n, hi) if run(n) else (lo, n)
+  else:
+    hi = n
+    while error is None and lo == 0 and len(tried) < 12 and n > 1:
+      n, step = max(1, n - step), step * 2
+      lo, hi = (n, hi) if run(n) else (lo, n)
+  while error is None and hi is not None and hi - lo > 1 and len(tried) < 14:
     mid = (lo + hi) // 2
-    if _spawn(optimizer, mid, a)["ok"]:
-      lo = mid
-    else:
-      hi = mid
-  return lo
+    lo, hi = (mid, hi) if run(mid) else (lo, mid)
 
 
 def main(argv=None):
@@ -153,16 +240,24 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--search", action="store_true", help="find the largest model per optimizer")
+  p.add_argument("--no-table", action="store_true", help="only the --search part")
   p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
   p.add_argument("--timeout", type=int, default=900)
   p.add_argument("--json", default=None, help="also write the results here")
+  p.add_argument("--search-width", type=int, default=4096, help="layer width of the --search models")
+  p.add_argument("--search-fraction", type=float, default=0.05,
+                 help="share of the device's memory the --search runs may use")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--search-worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--optimizer", default="adamw", help=argparse.SUPPRESS)
   p.add_argument("--layers", type=int, default=0, help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   if a.worker:
-    return worker(a)
+    return search_worker(a) if a.search_worker else worker(a)
 
+  # This process measures bandwidth only; the workers (fresh processes) get
+  # the device's memory. Without this, JAX here would preallocate 75% of it.
+  os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   import jax
   platform = jax.devices()[0].platform
   names = [n for n in a.optimizers.split(",") if n]
@@ -180,7 +275,7 @@ def main(argv=None):
         f"{a.layers * a.width**2 / 1e9:.2f}B parameters, batch {a.batch}, {a.steps} steps")
   bw = bandwidth()
   print(f"host->device {bw['h2d'] / 1e9:.1f} GB/s, device->host {bw['d2h'] / 1e9:.1f} GB/s")
-  results = [_spawn(name, a.layers, a) for name in names]
+  results = [] if a.no_table else [_spawn(name, a.layers, a) for name in names]
   base = next((r["step_s"] for r in results if r["optimizer"] == "adamw" and r["ok"]), None)
   print(f"{'optimizer':<28} {'peak GiB':>9} {'step ms':>9} {'x adamw':>8} {'host GiB':>9} "
         f"{'device state GiB':>17} {'transfer bound ms':>18}")
@@ -195,11 +290,17 @@ def main(argv=None):
     print(f"{r['optimizer']:<28} {r['peak_bytes'] / 2**30:>9.2f} {r['step_s'] * 1e3:>9.1f} "
           f"{ratio:>8.2f} {host / 2**30:>9.2f} {dev_state / 2**30:>17.2f} {bound * 1e3:>18.1f}")
   if a.search:
+    print(f"\nLargest model that trains (2 steps), device memory capped at "
+          f"{a.search_fraction:.0%} of the GPU (XLA_PYTHON_CLIENT_MEM_FRACTION):")
     for name in names:
-      n = largest(name, a)
-      r_params = n * a.width**2
-      print(f"largest model that trains with {name}: {n} layers = {r_params / 1e9:.2f}B parameters")
-      results.append({"optimizer": name, "largest_layers": n, "largest_params": r_params})
+      r = _spawn(name, 0, a, extra=("--search-worker", "--width", str(a.search_width)))
+      if "largest_layers" not in r:
+        print(f"{name:<28} search failed: {r.get('error')}")
+        continue
+      note = f"  (stopped: {r['error']})" if r.get("error") else ""
+      print(f"{name:<28} {r['largest_layers']:>4} layers = {r['largest_params'] / 1e9:.2f}B parameters "
+            f"under {r['bytes_limit'] / 2**30:.1f} GiB; tried {r['tried']}{note}")
+      results.append(r)
   if a.json:
     with open(a.json, "w") as f:
       json.dump({"bandwidth": bw, "results": results}, f, indent=1)

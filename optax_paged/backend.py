@@ -65,28 +65,66 @@ def _unflat(xb, shape):
   return xb.reshape(-1)[:n].reshape(shape)
 
 
+CODECS = ("table", "arith")
+
+
+def default_codec(platform: str | None = None) -> str:
+  """The kernels' codec for ``platform``: TPU kernels cannot gather from a ref."""
+  return "arith" if (platform or jax.default_backend()) == "tpu" else "table"
+
+
 def _decoder(signed):
-  return lambda c: qz.code_value(c, signed)
+  """Arithmetic decode (no table)."""
+  return lambda c, tables: qz.code_value(c, signed)
 
 
 def _encoder(signed, keep_nonzero):
-  return lambda y: qz.encode_normalized(y, signed, keep_nonzero)
+  """Arithmetic encode (no table)."""
+  return lambda y, tables: qz.encode_normalized(y, signed, keep_nonzero)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 6, 7))
-def update_quantized_leaf_pallas(rule, grad, codes, absmax, signed, hparams, block_size, interpret):
+def codecs(signed: tuple[bool, ...], keep_nonzero: bool, codec: str):
+  """``(decoders, encoders, tables)`` for the kernels, one per moment.
+
+  ``"table"``: decode gathers from the 256-value code book and encode from
+  the packed cell table (one load each, from cache); ``"arith"``: both
+  computed arithmetically, no tables (TPU). Both give the same codes.
+  """
+  if codec not in CODECS:
+    raise ValueError(f"codec must be one of {CODECS}, got {codec!r}.")
+  if codec == "arith":
+    return [_decoder(s) for s in signed], [_encoder(s, keep_nonzero) for s in signed], ()
+  k = len(signed)
+  tables = [jnp.asarray(codebooks.dynamic_map(s)) for s in signed]
+  tables += [jnp.asarray(codebooks.encode_tables(s, keep_nonzero).cell_packed) for s in signed]
+
+  def decoder(i):
+    return lambda c, refs: refs[i][c]
+
+  def encoder(i, s):
+    return lambda y, refs: qz.encode_normalized_lut(y, s, lambda cell: refs[k + i][cell])
+
+  return ([decoder(i) for i in range(k)], [encoder(i, s) for i, s in enumerate(signed)], tuple(tables))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 6, 7, 8))
+def update_quantized_leaf_pallas(rule, grad, codes, absmax, signed, hparams, block_size, interpret,
+                                 codec=None):
   """:func:`optax_paged.transform.update_quantized_leaf_xla` with the fused kernel.
 
-  ``rule`` must already keep non-finite values out of the new moments.
+  ``rule`` must already keep non-finite values out of the new moments;
+  ``codec`` is ``"table"`` or ``"arith"`` (default: :func:`default_codec`).
   """
   shape = grad.shape
   g = _flat_blocks(grad, block_size, 0)
   c = tuple(_flat_blocks(x, block_size, codebooks.ZERO_CODE[s]) for x, s in zip(codes, signed))
   a = tuple(x.reshape(-1) for x in absmax)
+  decoders, encoders, tables = codecs(signed, True, codec or default_codec())
   direction, new_codes, new_absmax = blockwise.fused_update(
       rule, g, c, a, hparams,
-      decoders=[_decoder(s) for s in signed],
-      encoders=[_encoder(s, True) for s in signed],
+      decoders=decoders,
+      encoders=encoders,
+      tables=tables,
       out_dtype=grad.dtype,
       interpret=interpret,
   )
@@ -97,17 +135,19 @@ def update_quantized_leaf_pallas(rule, grad, codes, absmax, signed, hparams, blo
   )
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def quantize_pallas(x, signed, block_size, interpret):
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def quantize_pallas(x, signed, block_size, interpret, codec=None):
+  (_,), (encoder,), tables = codecs((signed,), False, codec or default_codec())
   codes, absmax = blockwise.quantize(
       _flat_blocks(x.astype(jnp.float32), block_size, 0),
-      encoder=_encoder(signed, False), interpret=interpret)
+      encoder=encoder, tables=tables, interpret=interpret)
   return _unflat(codes, x.shape), absmax.reshape(qz.absmax_shape(x.shape, block_size))
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def dequantize_pallas(codes, absmax, signed, block_size, interpret):
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def dequantize_pallas(codes, absmax, signed, block_size, interpret, codec=None):
+  (decoder,), _, tables = codecs((signed,), False, codec or default_codec())
   values = blockwise.dequantize(
       _flat_blocks(codes, block_size, codebooks.ZERO_CODE[signed]), absmax.reshape(-1),
-      decoder=_decoder(signed), interpret=interpret)
+      decoder=decoder, tables=tables, interpret=interpret)
   return _unflat(values, codes.shape)

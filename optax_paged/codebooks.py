@@ -111,6 +111,11 @@ class EncodeTables(NamedTuple):
   # The thresholds' float32 bits as int32, with "no threshold" as INT32_MAX
   # (above the bits of +inf and NaN, so those never step past the last code).
   cell_threshold_bits: np.ndarray
+  # Both in one int32 (one gather instead of two): ``code << 17 | low``, where
+  # ``low`` is the threshold's low 16 bits (its high bits are the cell's own)
+  # or 2**16 for "no threshold", so that
+  # ``t = (p >> 17) + ((bits & 0xFFFF) >= (p & 0x1FFFF))``.
+  cell_packed: np.ndarray
 
 
 def _first_float_above(x: np.ndarray) -> np.ndarray:
@@ -163,6 +168,11 @@ def encode_tables(signed: bool, keep_nonzero: bool = False) -> EncodeTables:
   cell_threshold = threshold.astype(_f32)
   bits = np.where(np.isinf(cell_threshold), np.iinfo(np.int32).max, cell_threshold.view(np.int32))
   bits = bits.astype(np.int32)
-  for arr in (cell_code, cell_threshold, bits):
+  has = ~np.isinf(cell_threshold)
+  assert np.all((bits[has] >> CELL_SHIFT) == cell[has]), "a threshold outside its cell"
+  assert CELL_SHIFT == 16
+  packed = (cell_code.astype(np.int64) << 17) | np.where(has, bits & 0xFFFF, 1 << 16)
+  packed = packed.astype(np.int32)
+  for arr in (cell_code, cell_threshold, bits, packed):
     arr.setflags(write=False)
-  return EncodeTables(mags.astype(_f32), cell_code, cell_threshold, bits)
+  return EncodeTables(mags.astype(_f32), cell_code, cell_threshold, bits, packed)

@@ -17,6 +17,11 @@ from optax_paged import rules
 from optax_paged import transform
 from pallas_kernels import blockwise
 
+# On CPU the kernels run in interpret mode; on a GPU or TPU the same tests
+# compile them for real (``pytest tests/test_pallas.py`` on the device).
+INTERPRET = jax.default_backend() not in backend_lib.KERNEL_PLATFORMS
+ON_CPU = jax.default_backend() == "cpu"
+
 
 def _inputs(shape, block_size, signed, dtype, seed=0):
   """Gradient with scales spread over 4 decades, and a non-trivial state."""
@@ -49,10 +54,16 @@ FUSED_CASES = [
 ]
 
 
+# The table codec (GPU) on every case; the arithmetic one (TPU) on a few.
+FUSED_CASES = [c + ("table",) for c in FUSED_CASES] + [
+    ("adam", 64, (3, 4097), jnp.float32, "arith"), ("adam", 4096, (8, 4096), jnp.float32, "arith"),
+    ("lion", 256, (3, 4097), jnp.bfloat16, "arith"), ("ademamix", 256, (5000,), jnp.float32, "arith")]
+
+
 @pytest.mark.parametrize(
-    "name, block_size, shape, dtype", FUSED_CASES,
-    ids=[f"{n}-{b}-{s}-{jnp.dtype(d).name}" for n, b, s, d in FUSED_CASES])
-def test_fused_kernel_equals_xla_path(name, block_size, shape, dtype):
+    "name, block_size, shape, dtype, codec", FUSED_CASES,
+    ids=[f"{n}-{b}-{s}-{jnp.dtype(d).name}-{c}" for n, b, s, d, c in FUSED_CASES])
+def test_fused_kernel_equals_xla_path(name, block_size, shape, dtype, codec):
   spec = rules.RULES[name]
   grad, codes, absmax = _inputs(shape, block_size, spec.signed, dtype)
   grad = grad.at[(0,) * len(shape)].set(jnp.nan)  # the guard runs in both
@@ -61,7 +72,7 @@ def test_fused_kernel_equals_xla_path(name, block_size, shape, dtype):
       spec.rule, grad, codes, absmax, spec.signed, hparams, block_size)
   guarded = functools.partial(transform._guarded_rule, spec.rule)
   d_p, c_p, a_p = backend_lib.update_quantized_leaf_pallas(
-      guarded, grad, codes, absmax, spec.signed, hparams, block_size, True)
+      guarded, grad, codes, absmax, spec.signed, hparams, block_size, INTERPRET, codec)
   # Codes are identical except where float32 rounding of the new moment
   # (XLA contracts multiply-adds into FMAs differently in the two compiled
   # bodies) puts it within a few ulps of the midpoint between two codes.
@@ -92,34 +103,36 @@ def test_fused_kernel_equals_xla_path(name, block_size, shape, dtype):
                              atol=1e-6 * np.abs(dx[finite]).max())
 
 
-@pytest.mark.parametrize("signed", [True, False])
-@pytest.mark.parametrize("block_size", [64, 256, 4096])
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_codec_kernels_equal_xla_codec(signed, block_size, shape):
+CODEC_CASES = [(s, b, shape, "table") for s in (True, False) for b in (64, 256, 4096) for shape in SHAPES] + [
+    (s, 256, shape, "arith") for s in (True, False) for shape in SHAPES[1:3]]
+
+
+@pytest.mark.parametrize("signed, block_size, shape, codec", CODEC_CASES, ids=str)
+def test_codec_kernels_equal_xla_codec(signed, block_size, shape, codec):
   x = jax.random.normal(jax.random.PRNGKey(1), shape) * 10.0 ** jax.random.uniform(
       jax.random.PRNGKey(2), shape, minval=-4, maxval=0)
   if not signed:
     x = jnp.abs(x)
   x = x.at[(0,) * len(shape)].set(jnp.nan).at[(-1,) * len(shape)].set(jnp.inf)
   q = qz.quantize_blockwise(x, signed=signed, block_size=block_size)
-  codes, absmax = backend_lib.quantize_pallas(x, signed, block_size, True)
+  codes, absmax = backend_lib.quantize_pallas(x, signed, block_size, INTERPRET, codec)
   np.testing.assert_array_equal(np.asarray(codes), np.asarray(q.codes))
   np.testing.assert_array_equal(np.asarray(absmax), np.asarray(q.absmax))
   y = qz.dequantize_blockwise(q, signed=signed, block_size=block_size)
-  y_p = backend_lib.dequantize_pallas(q.codes, q.absmax, signed, block_size, True)
+  y_p = backend_lib.dequantize_pallas(q.codes, q.absmax, signed, block_size, INTERPRET, codec)
   np.testing.assert_array_equal(np.asarray(y_p), np.asarray(y))
 
 
-def _fused_for(name, platform, block_size=256, num_blocks=64):
+def _fused_for(name, platform, block_size=256, num_blocks=64, codec=None):
   spec = rules.RULES[name]
   guarded = functools.partial(transform._guarded_rule, spec.rule)
+  decoders, encoders, tables = backend_lib.codecs(
+      spec.signed, True, codec or backend_lib.default_codec(platform))
 
   def step(grad, codes, absmax, count):
     return blockwise.fused_update(
         guarded, grad, codes, absmax, spec.example_hparams(count),
-        decoders=[backend_lib._decoder(s) for s in spec.signed],
-        encoders=[backend_lib._encoder(s, True) for s in spec.signed],
-        platform=platform,
+        decoders=decoders, encoders=encoders, tables=tables, platform=platform,
     )
 
   args = (
@@ -136,7 +149,15 @@ def _export(fn, args, platform):
   if platform == "cuda":
     # Triton IR has no serialization guarantee, so export refuses it unless told.
     disabled = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-  exported = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=disabled)(*args)
+  export = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=disabled)
+  if platform == "cuda" and jax.default_backend() != "gpu":
+    # Without a GPU here, the Triton lowering (JAX >= 0.11) needs to be told
+    # which GPU it compiles for: an abstract H100.
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+      exported = export(*args)
+  else:
+    exported = export(*args)
   text = exported.mlir_module()
   assert "tpu_custom_call" in text if platform == "tpu" else "__gpu$xla.gpu.triton" in text
   return exported
@@ -152,13 +173,20 @@ def test_fused_update_lowers_for_gpu_and_tpu(platform, name, block_size):
   _export(step, args, platform)
 
 
+def test_arithmetic_codec_lowers_for_gpu_too():
+  step, args = _fused_for("adam", "cuda", codec="arith")
+  _export(step, args, "cuda")
+
+
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 @pytest.mark.parametrize("signed", [True, False])
 def test_codec_kernels_lower_for_gpu_and_tpu(platform, signed):
+  (decoder,), (encoder,), tables = backend_lib.codecs(
+      (signed,), False, backend_lib.default_codec(platform))
   x = jnp.ones((64, 256))
-  _export(lambda x: blockwise.quantize(x, encoder=backend_lib._encoder(signed, False), platform=platform),
+  _export(lambda x: blockwise.quantize(x, encoder=encoder, tables=tables, platform=platform),
           (x,), platform)
-  _export(lambda c, a: blockwise.dequantize(c, a, decoder=backend_lib._decoder(signed), platform=platform),
+  _export(lambda c, a: blockwise.dequantize(c, a, decoder=decoder, tables=tables, platform=platform),
           (jnp.zeros((64, 256), jnp.uint8), jnp.ones((64,))), platform)
 
 
@@ -185,6 +213,7 @@ def test_traced_hyperparameters_are_kernel_inputs():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
 
 
+@pytest.mark.skipif(not ON_CPU, reason="asserts the CPU choices")
 def test_backend_choice_and_environment_override(monkeypatch):
   with pytest.raises(ValueError, match="backend"):
     backend_lib.check_backend("cuda")
