@@ -24,9 +24,11 @@ demo: $(VENV)/.installed-demo
 
 # OPTAX_PAGED_REQUIRE_PARITY makes a missing torch/bitsandbytes a failure
 # instead of a skip: the parity tests must run here and in CI. --nbmake runs
-# the notebooks as tests too.
+# the notebooks as tests too; -n 2 runs two pytest workers (CI has 2 cores;
+# TEST_WORKERS=0 runs in one process).
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test
-	OPTAX_PAGED_REQUIRE_PARITY=1 $(PY) -m pytest --nbmake tests notebooks $(ARGS)
+	OPTAX_PAGED_REQUIRE_PARITY=1 $(PY) -m pytest -n $(TEST_WORKERS) --nbmake tests notebooks $(ARGS)
 
 # Re-run the notebooks in place so their committed copies show their outputs.
 notebooks: $(VENV)/.installed-test
