@@ -1,10 +1,14 @@
 """Median jitted step time and state bytes of 8-bit optimizers vs optax.
 
 Every optimizer runs in this one process on the same parameters and
-gradients; the ratios against ``optax.adamw`` are what to compare across
-machines. Usage:
+gradients, timed round-robin; the ratios against ``optax.adamw`` are what to
+compare across machines. For each JAX optimizer it also reports the step's
+temporary memory (XLA's compiled memory analysis: bytes the step allocates
+beyond its donated inputs and outputs). When ``torch`` and ``bitsandbytes``
+are importable (the ``parity`` extra), bitsandbytes' CPU ``AdamW8bit`` and
+``torch.optim.AdamW`` run on the same shapes in the same rounds. Usage:
 
-    python benchmarks/step_time.py [--repeats 20] [--optimizers adamw,adamw_8bit]
+    python benchmarks/step_time.py [--repeats 20] [--optimizers adamw,adamw_8bit,...] [--no-torch]
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ def make_stepper(tx, params, grads):
   carry = [jax.tree.map(jnp.copy, params)]
   carry.append(tx.init(carry[0]))
   nbytes = sum(x.nbytes for x in jax.tree.leaves(carry[1]))
+  analysis = step.lower(carry[0], carry[1], grads).compile().memory_analysis()
+  temp = getattr(analysis, "temp_size_in_bytes", None)
 
   def run_once():
     t0 = time.perf_counter()
@@ -72,28 +78,59 @@ def make_stepper(tx, params, grads):
 
   for _ in range(3):  # compile and warm up
     run_once()
-  return run_once, nbytes
+  return run_once, nbytes, temp
 
 
-def time_steps(txs, params, grads, repeats):
-  """Median step seconds of each optimizer, timed round-robin.
+def torch_steppers(params, grads):
+  """bitsandbytes' CPU AdamW8bit and torch.optim.AdamW on the same shapes, or {}."""
+  try:
+    import bitsandbytes as bnb
+    import torch
+  except ImportError:
+    return {}
+  out = {}
+  for name, make in (("torch AdamW", lambda ps: torch.optim.AdamW(ps, lr=1e-3)),
+                     ("bnb AdamW8bit (CPU)", lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3))):
+    ps = [torch.nn.Parameter(torch.from_numpy(np.array(x))) for x in jax.tree.leaves(params)]
+    for p, g in zip(ps, jax.tree.leaves(grads)):
+      p.grad = torch.from_numpy(np.array(g))
+    opt = make(ps)
+
+    def run_once(opt=opt):
+      t0 = time.perf_counter()
+      opt.step()
+      return time.perf_counter() - t0
+
+    for _ in range(3):
+      run_once()
+    nbytes = sum(v.nbytes for st in opt.state.values() for v in st.values() if hasattr(v, "nbytes"))
+    out[name] = (run_once, nbytes, None)
+  return out
+
+
+def time_steps(txs, params, grads, repeats, with_torch=False):
+  """``{name: (median step seconds, state bytes, step temp bytes)}``, timed round-robin.
 
   Interleaving the optimizers step by step keeps a noisy machine's slow
   phases from landing on one optimizer only, so the ratios are fair.
   """
   steppers = {name: make_stepper(tx, params, grads) for name, tx in txs.items()}
-  times = {name: [] for name in txs}
+  if with_torch:
+    steppers.update(torch_steppers(params, grads))
+  times = {name: [] for name in steppers}
   for _ in range(repeats):
-    for name, (run_once, _) in steppers.items():
+    for name, (run_once, _, _) in steppers.items():
       times[name].append(run_once())
-  return {name: (float(np.median(times[name])), steppers[name][1]) for name in txs}
+  return {name: (float(np.median(times[name])),) + steppers[name][1:] for name in steppers}
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--repeats", type=int, default=20)
-  parser.add_argument("--optimizers", default="adamw,adamw_8bit")
+  parser.add_argument("--optimizers", default="adamw,adamw_8bit,lion,lion_8bit,paged_adamw_8bit")
   parser.add_argument("--workloads", default=",".join(WORKLOADS))
+  parser.add_argument("--no-torch", action="store_true",
+                      help="skip bitsandbytes' AdamW8bit and torch's AdamW even if installed")
   args = parser.parse_args(argv)
   names = [n for n in args.optimizers.split(",") if n]
   if "adamw" not in names:
@@ -108,11 +145,15 @@ def main(argv=None):
     grads = _randomize(params, 1)
     n = sum(x.size for x in jax.tree.leaves(params))
     print(f"\n{wname}: {n / 1e6:.2f}M parameters in {len(jax.tree.leaves(params))} leaves")
-    print(f"{'optimizer':<18} {'median ms':>10} {'x adamw':>8} {'state MiB':>10} {'bytes/param':>12}")
-    results = time_steps({name: registry.create(name, 1e-3) for name in names}, params, grads, args.repeats)
+    print(f"{'optimizer':<20} {'median ms':>10} {'x adamw':>8} {'state MiB':>10} {'bytes/param':>12} "
+          f"{'step temp MiB':>14}")
+    results = time_steps({name: registry.create(name, 1e-3) for name in names}, params, grads,
+                         args.repeats, with_torch=not args.no_torch)
     base = results["adamw"][0]
-    for name, (sec, nbytes) in results.items():
-      print(f"{name:<18} {sec * 1e3:>10.1f} {sec / base:>8.2f} {nbytes / 2**20:>10.1f} {nbytes / n:>12.3f}")
+    for name, (sec, nbytes, temp) in results.items():
+      temp = "-" if temp is None else f"{temp / 2**20:.1f}"
+      print(f"{name:<20} {sec * 1e3:>10.1f} {sec / base:>8.2f} {nbytes / 2**20:>10.1f} {nbytes / n:>12.3f} "
+            f"{temp:>14}")
 
 
 if __name__ == "__main__":
