@@ -46,25 +46,21 @@ def _build(name):
   return registry.create(base, 1e-4, **kwargs)
 
 
-def worker(args):
-  """One optimizer, one model size, in this process: prints one JSON line."""
+def _model(tx, layers, width, batch):
+  """A tanh MLP of ``layers`` ``width`` x ``width`` layers: ``(params, jitted donated train step)``."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
   import optax
-  import optax_paged as op
 
-  dev = jax.devices()[0]
   key = jax.random.PRNGKey(0)
-  params = {f"layer_{i}": jax.random.normal(jax.random.fold_in(key, i), (args.width, args.width),
-                                            jnp.float32) * (1.0 / args.width**0.5)
-            for i in range(args.layers)}
-  x = jax.random.normal(key, (args.batch, args.width))
-  tx = _build(args.optimizer)
+  params = {f"layer_{i}": jax.random.normal(jax.random.fold_in(key, i), (width, width),
+                                            jnp.float32) * (1.0 / width**0.5)
+            for i in range(layers)}
+  x = jax.random.normal(key, (batch, width))
 
   def loss_fn(params):
     h = x
-    for i in range(args.layers):
+    for i in range(layers):
       h = jnp.tanh(h @ params[f"layer_{i}"])
     return jnp.mean(h**2)
 
@@ -73,7 +69,19 @@ def worker(args):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss
 
-  step = jax.jit(train_step, donate_argnums=(0, 1))
+  return params, jax.jit(train_step, donate_argnums=(0, 1))
+
+
+def worker(args):
+  """One optimizer, one model size, in this process: prints one JSON line."""
+  import jax
+  import numpy as np
+
+  import optax_paged as op
+
+  dev = jax.devices()[0]
+  tx = _build(args.optimizer)
+  params, step = _model(tx, args.layers, args.width, args.batch)
   result = {"optimizer": args.optimizer, "layers": args.layers, "width": args.width,
             "params": args.layers * args.width**2, "platform": dev.platform}
   try:
@@ -154,31 +162,13 @@ def search_worker(args):
   import gc
 
   import jax
-  import jax.numpy as jnp
-  import optax
 
   tx = _build(args.optimizer)
 
   def attempt(layers):
-    key = jax.random.PRNGKey(0)
-    params = {f"layer_{i}": jax.random.normal(jax.random.fold_in(key, i), (args.width, args.width),
-                                              jnp.float32) * (1.0 / args.width**0.5)
-              for i in range(layers)}
-    x = jax.random.normal(key, (args.batch, args.width))
-
-    def loss_fn(params):
-      h = x
-      for i in range(layers):
-        h = jnp.tanh(h @ params[f"layer_{i}"])
-      return jnp.mean(h**2)
-
-    def train_step(params, state):
-      loss, grads = jax.value_and_grad(loss_fn)(params)
-      updates, state = tx.update(grads, state, params)
-      return optax.apply_updates(params, updates), state, loss
-
-    step = jax.jit(train_step, donate_argnums=(0, 1))
+    params = None
     try:
+      params, step = _model(tx, layers, args.width, args.batch)
       state = tx.init(params)
       for _ in range(2):
         params, state, loss = step(params, state)
