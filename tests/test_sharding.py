@@ -12,6 +12,10 @@ import sys
 
 import pytest
 
+# One pytest-xdist worker runs the whole module, so the 8-device subprocess
+# behind the module fixture runs once (make test uses --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("sharding")
+
 
 @pytest.fixture(scope="module")
 def report():
