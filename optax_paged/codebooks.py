@@ -116,6 +116,11 @@ class EncodeTables(NamedTuple):
   # or 2**16 for "no threshold", so that
   # ``t = (p >> 17) + ((bits & 0xFFFF) >= (p & 0x1FFFF))``.
   cell_packed: np.ndarray
+  # The same as one int32 used once (XLA keeps a gather fused only when it
+  # has one use): ``code << 17`` plus ``2**17 - low``, so that adding the
+  # magnitude's low 16 bits carries into the code exactly when they reach the
+  # threshold: ``t = (p + (bits & 0xFFFF)) >> 17``.
+  cell_carry: np.ndarray
 
 
 def _first_float_above(x: np.ndarray) -> np.ndarray:
@@ -173,6 +178,9 @@ def encode_tables(signed: bool, keep_nonzero: bool = False) -> EncodeTables:
   assert CELL_SHIFT == 16
   packed = (cell_code.astype(np.int64) << 17) | np.where(has, bits & 0xFFFF, 1 << 16)
   packed = packed.astype(np.int32)
-  for arr in (cell_code, cell_threshold, bits, packed):
+  low = np.where(has, bits & 0xFFFF, 1 << 16)
+  carry = ((cell_code.astype(np.int64) << 17) + ((1 << 17) - low)).astype(np.int32)
+  for arr in (cell_code, cell_threshold, bits, packed, carry):
     arr.setflags(write=False)
-  return EncodeTables(mags.astype(_f32), cell_code, cell_threshold, bits, packed)
+  return EncodeTables(mags.astype(_f32), cell_code, cell_threshold, bits, packed, carry)
+

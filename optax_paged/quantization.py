@@ -213,7 +213,7 @@ def decode(codes: jax.Array, absmax: jax.Array, signed: bool) -> jax.Array:
 
 
 def decode_exact(
-    codes: jax.Array, absmax: jax.Array, signed: bool, negated_table: bool = False
+    codes: jax.Array, absmax: jax.Array, signed: bool, table_copy: int = 0
 ) -> jax.Array:
   """Decodes with the exact code book: ``dynamic_map(signed)[codes] * absmax``.
 
@@ -221,14 +221,13 @@ def decode_exact(
     codes: blocked ``uint8`` codes.
     absmax: per-block scales.
     signed: which code book.
-    negated_table: gather from ``-map`` and negate back: the same values from
-      a distinct table constant. XLA then keeps two decodes of the same codes
-      as two gathers, each fused into its own consumer, instead of sharing
-      one gather and storing its float32 result.
+    table_copy: gather from a copy of the code book padded with this many
+      unused entries: the same values from a distinct table constant. XLA
+      then keeps several decodes of the same codes as separate gathers, each
+      fused into its own consumer, instead of sharing one gather and storing
+      its float32 result.
   """
-  table = codebooks.dynamic_map(signed)
-  if negated_table:
-    return lookup(-table, codes.astype(jnp.int32)) * -absmax[..., None]
+  table = np.pad(codebooks.dynamic_map(signed), (0, int(table_copy)))
   return lookup(table, codes.astype(jnp.int32)) * absmax[..., None]
 
 
@@ -281,9 +280,10 @@ def encode(
   the reciprocal, as bitsandbytes does); blocks with ``absmax == 0`` encode to
   the zero code. With the unsigned map, negative values encode to zero.
 
-  Two lookups in a table indexed by the float's exponent and top mantissa
-  bits plus one compare give the exact nearest code, with no search over the
-  code book.
+  One lookup in a table indexed by the float's exponent and top mantissa
+  bits, plus an add that carries into the code exactly when the low mantissa
+  bits reach the cell's threshold, gives the exact nearest code, with no
+  search over the code book.
 
   Args:
     xb: blocked float32 values, finite.
@@ -302,13 +302,12 @@ def encode(
   tables = codebooks.encode_tables(signed, keep_nonzero)
   safe = absmax > 0
   inv = jnp.where(safe, 1.0 / jnp.where(safe, absmax, 1.0), 0.0)
-  # Two gathers, each used once, so that XLA fuses each into its consumer;
-  # one gather of the packed table used twice would be stored (measured 2x
-  # slower on CPU). Kernels use the packed table: one load.
+  # One gather with one use, so that XLA fuses it into its consumer (a
+  # gather used twice, as cell_packed is, would be stored: 3x slower on CPU;
+  # two gathers, code and threshold, measured ~20% slower than this).
   return _encode_with_cells(
       xb * inv[..., None], signed,
-      lambda cell, mag_bits: lookup(tables.cell_code, cell)
-      + (mag_bits >= lookup(tables.cell_threshold_bits, cell)).astype(jnp.int32))
+      lambda cell, mag_bits: carry_code(lookup(tables.cell_carry, cell), mag_bits))
 
 
 def encode_normalized_lut(y: jax.Array, signed: bool, packed_lookup: Callable) -> jax.Array:
@@ -329,9 +328,11 @@ def encode_normalized_lut(y: jax.Array, signed: bool, packed_lookup: Callable) -
 
 def _encode_with_cells(y: jax.Array, signed: bool, magnitude_index: Callable) -> jax.Array:
   """Shared body of the table encoders: ``magnitude_index(cell, mag_bits)``."""
-  if not signed:
-    y = jnp.maximum(y, 0.0)
   bits = jax.lax.bitcast_convert_type(y, jnp.int32)
+  if not signed:
+    # Negative values (and -0.0) to zero, on the bits: a float max would
+    # also flush subnormals to zero on CPUs that treat them as zero.
+    bits = jnp.maximum(bits, 0)
   mag_bits = bits & 0x7FFFFFFF
   # |y| <= 1 up to rounding; min() only guards the table bounds. The compare
   # is on integers: for non-negative floats the order is the same, and CPUs
@@ -350,6 +351,11 @@ def _encode_with_cells(y: jax.Array, signed: bool, magnitude_index: Callable) ->
 def packed_code(packed: jax.Array, mag_bits: jax.Array) -> jax.Array:
   """Magnitude index from a ``cell_packed`` entry and the magnitude's bits."""
   return (packed >> 17) + ((mag_bits & 0xFFFF) >= (packed & 0x1FFFF)).astype(jnp.int32)
+
+
+def carry_code(carry: jax.Array, mag_bits: jax.Array) -> jax.Array:
+  """Magnitude index from a ``cell_carry`` entry and the magnitude's bits."""
+  return (carry + (mag_bits & 0xFFFF)) >> 17
 
 
 _DECADE_INVERSE = tuple(np.float32(10.0 ** (6 - i)) for i in range(7))
@@ -393,9 +399,9 @@ def encode_normalized(y: jax.Array, signed: bool, keep_nonzero: bool = False) ->
   Returns:
     ``uint8`` codes of ``y``'s shape.
   """
-  if not signed:
-    y = jnp.maximum(y, 0.0)
   bits = jax.lax.bitcast_convert_type(y, jnp.int32)
+  if not signed:
+    bits = jnp.maximum(bits, 0)  # as in _encode_with_cells
   r = jax.lax.bitcast_convert_type(bits & 0x7FFFFFFF, jnp.float32)
   decade = jnp.zeros(r.shape, jnp.int32)
   for start in _decade_starts(signed):

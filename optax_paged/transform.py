@@ -226,21 +226,16 @@ def update_quantized_leaf_xla(
   # XLA:CPU fuses each consumer of decode -> rule separately, and a float32
   # temporary the size of the parameter costs more (page faults) than doing
   # the arithmetic again, so the step is three recomputations, each fused
-  # into one consumer (measured: benchmarks/RESULTS.md):
-  # 1. Block maxima, from a barrier-distinct copy of the inputs (so XLA
-  #    neither shares nor stores it) and the arithmetic decode, which fuses
-  #    into the reduction where a table gather would not.
-  _, new_for_max = step(
-      *jax.lax.optimization_barrier((grad, codes, absmax)), qz.decode
-  )
+  # into one consumer: the block maxima (a reduction), the direction (fused
+  # downstream into the caller's parameter update) and the new codes. Each
+  # decodes with its own gather from a distinct (differently padded) table,
+  # so that XLA neither shares one gather between them nor stores its
+  # result (measured: benchmarks/RESULTS.md). XLA still copies the old codes
+  # before the encode writes them in place: it shares no buffer between a
+  # gather's indices and the fusion's output.
+  _, new_for_max = step(grad, codes, absmax, functools.partial(qz.decode_exact, table_copy=1))
   new_absmax = qz.blocks_absmax(new_for_max, qz.padding_mask(shape, block_size))
-  # 2. The direction, fused downstream into the caller's parameter update.
-  # 3. The new codes. Both decode with table gathers (cheaper than the
-  #    arithmetic in elementwise fusions), from two distinct tables so that
-  #    each gather stays fused into its own consumer.
-  direction, _ = step(
-      grad, codes, absmax, functools.partial(qz.decode_exact, negated_table=True)
-  )
+  direction, _ = step(grad, codes, absmax, functools.partial(qz.decode_exact, table_copy=2))
   _, new = step(grad, codes, absmax, qz.decode_exact)
   new_codes = tuple(
       qz.from_blocks(qz.encode(n, a, s, keep_nonzero=True), shape)

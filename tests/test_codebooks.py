@@ -98,3 +98,24 @@ def test_encode_tables_hold_at_most_one_threshold_per_cell():
     thresholds = codebooks._first_float_above((mags[:-1] + mags[1:]) / 2)
     cells = thresholds.view(np.uint32) >> codebooks.CELL_SHIFT
     assert len(np.unique(cells)) == len(cells)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("keep_nonzero", [False, True])
+def test_one_gather_tables_equal_code_and_threshold_tables(signed, keep_nonzero):
+  """cell_carry (XLA path) and cell_packed (kernels) against the two tables.
+
+  Every cell, at the low halves where a result can change: 0, 0xFFFF and
+  around the cell's threshold.
+  """
+  t = codebooks.encode_tables(signed, keep_nonzero)
+  cell = np.arange(codebooks.NUM_CELLS, dtype=np.int64)
+  thr = t.cell_threshold_bits.astype(np.int64) & 0xFFFF
+  lows = np.stack([0 * cell, 0 * cell + 0xFFFF, thr, (thr - 1) & 0xFFFF, (thr + 1) & 0xFFFF], 1)
+  bits = (cell[:, None] << codebooks.CELL_SHIFT) | lows
+  expected = t.cell_code[:, None] + (bits >= t.cell_threshold_bits[:, None])
+  carry = (t.cell_carry[:, None].astype(np.int64) + lows) >> 17
+  packed = t.cell_packed[:, None].astype(np.int64)
+  packed = (packed >> 17) + (lows >= (packed & 0x1FFFF))
+  np.testing.assert_array_equal(carry, expected)
+  np.testing.assert_array_equal(packed, expected)
