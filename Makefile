@@ -28,7 +28,7 @@ demo: $(VENV)/.installed-demo
 # TEST_WORKERS=0 runs in one process).
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test
-	OPTAX_PAGED_REQUIRE_PARITY=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --nbmake tests notebooks $(ARGS)
+	OPTAX_PAGED_REQUIRE_PARITY=1 $(PY) -m pytest -n $(TEST_WORKERS) --nbmake tests notebooks $(ARGS)
 
 # Re-run the notebooks in place so their committed copies show their outputs.
 notebooks: $(VENV)/.installed-test
