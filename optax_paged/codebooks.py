@@ -183,4 +183,3 @@ def encode_tables(signed: bool, keep_nonzero: bool = False) -> EncodeTables:
   for arr in (cell_code, cell_threshold, bits, packed, carry):
     arr.setflags(write=False)
   return EncodeTables(mags.astype(_f32), cell_code, cell_threshold, bits, packed, carry)
-
