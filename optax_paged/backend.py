@@ -87,7 +87,7 @@ def codecs(signed: tuple[bool, ...], keep_nonzero: bool, codec: str):
   """``(decoders, encoders, tables)`` for the kernels, one per moment.
 
   ``"table"``: decode gathers from the 256-value code book and encode from
-  the packed cell table (one load each, from cache); ``"arith"``: both
+  the cell table (one load each, from cache); ``"arith"``: both
   computed arithmetically, no tables (TPU). Both give the same codes.
   """
   if codec not in CODECS:
@@ -96,7 +96,7 @@ def codecs(signed: tuple[bool, ...], keep_nonzero: bool, codec: str):
     return [_decoder(s) for s in signed], [_encoder(s, keep_nonzero) for s in signed], ()
   k = len(signed)
   tables = [jnp.asarray(codebooks.dynamic_map(s)) for s in signed]
-  tables += [jnp.asarray(codebooks.encode_tables(s, keep_nonzero).cell_packed) for s in signed]
+  tables += [jnp.asarray(codebooks.encode_tables(s, keep_nonzero).cell_carry) for s in signed]
 
   def decoder(i):
     return lambda c, refs: refs[i][c]

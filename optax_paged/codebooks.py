@@ -111,15 +111,12 @@ class EncodeTables(NamedTuple):
   # The thresholds' float32 bits as int32, with "no threshold" as INT32_MAX
   # (above the bits of +inf and NaN, so those never step past the last code).
   cell_threshold_bits: np.ndarray
-  # Both in one int32 (one gather instead of two): ``code << 17 | low``, where
-  # ``low`` is the threshold's low 16 bits (its high bits are the cell's own)
-  # or 2**16 for "no threshold", so that
-  # ``t = (p >> 17) + ((bits & 0xFFFF) >= (p & 0x1FFFF))``.
-  cell_packed: np.ndarray
-  # The same as one int32 used once (XLA keeps a gather fused only when it
-  # has one use): ``code << 17`` plus ``2**17 - low``, so that adding the
-  # magnitude's low 16 bits carries into the code exactly when they reach the
-  # threshold: ``t = (p + (bits & 0xFFFF)) >> 17``.
+  # Code and threshold in one int32, for one gather (XLA keeps a gather
+  # fused only when it has one use; kernels make one load): ``code << 17``
+  # plus ``2**17 - low``, where ``low`` is the threshold's low 16 bits (its
+  # high bits are the cell's own) or 2**16 for "no threshold", so that adding
+  # the magnitude's low 16 bits carries into the code exactly when they reach
+  # the threshold: ``t = (p + (bits & 0xFFFF)) >> 17``.
   cell_carry: np.ndarray
 
 
@@ -176,10 +173,8 @@ def encode_tables(signed: bool, keep_nonzero: bool = False) -> EncodeTables:
   has = ~np.isinf(cell_threshold)
   assert np.all((bits[has] >> CELL_SHIFT) == cell[has]), "a threshold outside its cell"
   assert CELL_SHIFT == 16
-  packed = (cell_code.astype(np.int64) << 17) | np.where(has, bits & 0xFFFF, 1 << 16)
-  packed = packed.astype(np.int32)
   low = np.where(has, bits & 0xFFFF, 1 << 16)
   carry = ((cell_code.astype(np.int64) << 17) + ((1 << 17) - low)).astype(np.int32)
-  for arr in (cell_code, cell_threshold, bits, packed, carry):
+  for arr in (cell_code, cell_threshold, bits, carry):
     arr.setflags(write=False)
-  return EncodeTables(mags.astype(_f32), cell_code, cell_threshold, bits, packed, carry)
+  return EncodeTables(mags.astype(_f32), cell_code, cell_threshold, bits, carry)

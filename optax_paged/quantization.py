@@ -303,27 +303,27 @@ def encode(
   safe = absmax > 0
   inv = jnp.where(safe, 1.0 / jnp.where(safe, absmax, 1.0), 0.0)
   # One gather with one use, so that XLA fuses it into its consumer (a
-  # gather used twice, as cell_packed is, would be stored: 3x slower on CPU;
-  # two gathers, code and threshold, measured ~20% slower than this).
+  # gather used twice would be stored: 3x slower on CPU; two gathers, code
+  # and threshold, measured ~20% slower than this).
   return _encode_with_cells(
       xb * inv[..., None], signed,
       lambda cell, mag_bits: carry_code(lookup(tables.cell_carry, cell), mag_bits))
 
 
-def encode_normalized_lut(y: jax.Array, signed: bool, packed_lookup: Callable) -> jax.Array:
-  """Nearest codes of normalized values ``y`` with one table gather (kernels).
+def encode_normalized_lut(y: jax.Array, signed: bool, carry_lookup: Callable) -> jax.Array:
+  """Nearest codes of normalized values ``y`` with one table load (kernels).
 
   Args:
     y: float32 normalized values.
     signed: which code book.
-    packed_lookup: ``cell (int32) -> codebooks.encode_tables(signed,
-      keep_nonzero).cell_packed[cell]``, e.g. a load from a kernel's table
+    carry_lookup: ``cell (int32) -> codebooks.encode_tables(signed,
+      keep_nonzero).cell_carry[cell]``, e.g. a load from a kernel's table
       input.
 
   Returns:
     ``uint8`` codes of ``y``'s shape.
   """
-  return _encode_with_cells(y, signed, lambda cell, mag_bits: packed_code(packed_lookup(cell), mag_bits))
+  return _encode_with_cells(y, signed, lambda cell, mag_bits: carry_code(carry_lookup(cell), mag_bits))
 
 
 def _encode_with_cells(y: jax.Array, signed: bool, magnitude_index: Callable) -> jax.Array:
@@ -346,11 +346,6 @@ def _encode_with_cells(y: jax.Array, signed: bool, magnitude_index: Callable) ->
   neg = bits >> 31  # 0 or -1
   t = jnp.minimum(t, codebooks.LAST_MAGNITUDE[True] + neg)
   return (codebooks.ZERO_CODE[True] + ((t ^ neg) - neg)).astype(jnp.uint8)
-
-
-def packed_code(packed: jax.Array, mag_bits: jax.Array) -> jax.Array:
-  """Magnitude index from a ``cell_packed`` entry and the magnitude's bits."""
-  return (packed >> 17) + ((mag_bits & 0xFFFF) >= (packed & 0x1FFFF)).astype(jnp.int32)
 
 
 def carry_code(carry: jax.Array, mag_bits: jax.Array) -> jax.Array:

@@ -102,8 +102,8 @@ def test_encode_tables_hold_at_most_one_threshold_per_cell():
 
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("keep_nonzero", [False, True])
-def test_one_gather_tables_equal_code_and_threshold_tables(signed, keep_nonzero):
-  """cell_carry (XLA path) and cell_packed (kernels) against the two tables.
+def test_one_gather_table_equals_code_and_threshold_tables(signed, keep_nonzero):
+  """cell_carry (XLA path and kernels) against the code and threshold tables.
 
   Every cell, at the low halves where a result can change: 0, 0xFFFF and
   around the cell's threshold.
@@ -115,7 +115,4 @@ def test_one_gather_tables_equal_code_and_threshold_tables(signed, keep_nonzero)
   bits = (cell[:, None] << codebooks.CELL_SHIFT) | lows
   expected = t.cell_code[:, None] + (bits >= t.cell_threshold_bits[:, None])
   carry = (t.cell_carry[:, None].astype(np.int64) + lows) >> 17
-  packed = t.cell_packed[:, None].astype(np.int64)
-  packed = (packed >> 17) + (lows >= (packed & 0x1FFFF))
   np.testing.assert_array_equal(carry, expected)
-  np.testing.assert_array_equal(packed, expected)
