@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
   """The subprocess's JSON report, computed once per test run.
