@@ -299,15 +299,18 @@ def encode(
   Returns:
     ``uint8`` codes with ``xb``'s shape.
   """
-  tables = codebooks.encode_tables(signed, keep_nonzero)
-  safe = absmax > 0
-  inv = jnp.where(safe, 1.0 / jnp.where(safe, absmax, 1.0), 0.0)
+  carry = codebooks.encode_tables(signed, keep_nonzero).cell_carry
   # One gather with one use, so that XLA fuses it into its consumer (a
   # gather used twice would be stored: 3x slower on CPU; two gathers, code
   # and threshold, measured ~20% slower than this).
-  return _encode_with_cells(
-      xb * inv[..., None], signed,
-      lambda cell, mag_bits: carry_code(lookup(tables.cell_carry, cell), mag_bits))
+  return encode_normalized_lut(
+      xb * _safe_inverse(absmax)[..., None], signed, lambda cell: lookup(carry, cell))
+
+
+def _safe_inverse(absmax: jax.Array) -> jax.Array:
+  """``1 / absmax``, and 0 for empty blocks (``absmax == 0``)."""
+  safe = absmax > 0
+  return jnp.where(safe, 1.0 / jnp.where(safe, absmax, 1.0), 0.0)
 
 
 def encode_normalized_lut(y: jax.Array, signed: bool, carry_lookup: Callable) -> jax.Array:
@@ -370,9 +373,7 @@ def encode_arith(
 
   Same codes as :func:`encode`, bit for bit. Args and returns: as :func:`encode`.
   """
-  safe = absmax > 0
-  inv = jnp.where(safe, 1.0 / jnp.where(safe, absmax, 1.0), 0.0)
-  return encode_normalized(xb * inv[..., None], signed, keep_nonzero)
+  return encode_normalized(xb * _safe_inverse(absmax)[..., None], signed, keep_nonzero)
 
 
 def encode_normalized(y: jax.Array, signed: bool, keep_nonzero: bool = False) -> jax.Array:
