@@ -4,7 +4,9 @@ Every optimizer runs in this one process on the same parameters and
 gradients, timed round-robin; the ratios against ``optax.adamw`` are what to
 compare across machines. For each JAX optimizer it also reports the step's
 temporary memory (XLA's compiled memory analysis: bytes the step allocates
-beyond its donated inputs and outputs). When ``torch`` and ``bitsandbytes``
+beyond its donated inputs and outputs) and the minor page faults per step
+(``getrusage``: a step whose temporaries the allocator maps fresh every time
+pays for it in system time). When ``torch`` and ``bitsandbytes``
 are importable (the ``parity`` extra), bitsandbytes' CPU ``AdamW8bit`` and
 ``torch.optim.AdamW`` run on the same shapes in the same rounds. Usage:
 
@@ -108,8 +110,19 @@ def torch_steppers(params, grads):
   return out
 
 
+def _minor_faults():
+  """Minor page faults of this process so far (0 where ``resource`` is missing)."""
+  try:
+    import resource
+  except ImportError:  # Windows
+    return 0
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_steps(txs, params, grads, repeats, with_torch=False):
-  """``{name: (median step seconds, state bytes, step temp bytes)}``, timed round-robin.
+  """``{name: (median step seconds, state bytes, step temp bytes, median faults)}``.
+
+  Timed round-robin.
 
   Interleaving the optimizers step by step keeps a noisy machine's slow
   phases from landing on one optimizer only, so the ratios are fair.
@@ -118,10 +131,14 @@ def time_steps(txs, params, grads, repeats, with_torch=False):
   if with_torch:
     steppers.update(torch_steppers(params, grads))
   times = {name: [] for name in steppers}
+  faults = {name: [] for name in steppers}
   for _ in range(repeats):
     for name, (run_once, _, _) in steppers.items():
+      before = _minor_faults()
       times[name].append(run_once())
-  return {name: (float(np.median(times[name])),) + steppers[name][1:] for name in steppers}
+      faults[name].append(_minor_faults() - before)
+  return {name: (float(np.median(times[name])),) + steppers[name][1:] + (float(np.median(faults[name])),)
+          for name in steppers}
 
 
 def main(argv=None):
@@ -146,14 +163,14 @@ def main(argv=None):
     n = sum(x.size for x in jax.tree.leaves(params))
     print(f"\n{wname}: {n / 1e6:.2f}M parameters in {len(jax.tree.leaves(params))} leaves")
     print(f"{'optimizer':<20} {'median ms':>10} {'x adamw':>8} {'state MiB':>10} {'bytes/param':>12} "
-          f"{'step temp MiB':>14}")
+          f"{'step temp MiB':>14} {'faults/step':>12}")
     results = time_steps({name: registry.create(name, 1e-3) for name in names}, params, grads,
                          args.repeats, with_torch=not args.no_torch)
     base = results["adamw"][0]
-    for name, (sec, nbytes, temp) in results.items():
+    for name, (sec, nbytes, temp, faults) in results.items():
       temp = "-" if temp is None else f"{temp / 2**20:.1f}"
       print(f"{name:<20} {sec * 1e3:>10.1f} {sec / base:>8.2f} {nbytes / 2**20:>10.1f} {nbytes / n:>12.3f} "
-            f"{temp:>14}")
+            f"{temp:>14} {faults:>12.0f}")
 
 
 if __name__ == "__main__":
