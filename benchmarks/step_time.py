@@ -122,10 +122,9 @@ def _minor_faults():
 def time_steps(txs, params, grads, repeats, with_torch=False):
   """``{name: (median step seconds, state bytes, step temp bytes, median faults)}``.
 
-  Timed round-robin.
-
-  Interleaving the optimizers step by step keeps a noisy machine's slow
-  phases from landing on one optimizer only, so the ratios are fair.
+  Timed round-robin: interleaving the optimizers step by step keeps a noisy
+  machine's slow phases from landing on one optimizer only, so the ratios
+  are fair.
   """
   steppers = {name: make_stepper(tx, params, grads) for name, tx in txs.items()}
   if with_torch:
