@@ -62,6 +62,14 @@ class OffloadPolicy:
       are streamed through the device in pages of about this size (row
       ranges of the parameter), one page at a time. Needs
       ``paged(..., elementwise=True)``.
+    prefetch: ordering of the transfers, for elementwise transformations
+      (``paged(..., elementwise=True)``, as the ``paged_*`` aliases are). The
+      update then runs one parameter at a time, and the state of the ``i``-th
+      offloaded parameter is moved to the device only once the new state of
+      the ``(i - 1 - prefetch)``-th is back in host memory: at most
+      ``prefetch + 1`` parameters' state is on the device at once (default
+      1: one updating while the next one's state comes in). ``None`` leaves
+      the order to XLA, which may bring all the state in at once.
     enabled: ``False`` turns paging off (the wrapped transformation runs
       unchanged).
   """
@@ -69,6 +77,7 @@ class OffloadPolicy:
   min_size: int = DEFAULT_MIN_SIZE
   device_budget_bytes: int | Literal["auto"] | None = None
   page_bytes: int | None = None
+  prefetch: int | None = 1
   enabled: bool = True
 
   def __post_init__(self):
@@ -82,6 +91,8 @@ class OffloadPolicy:
       )
     if self.page_bytes is not None and (not _is_int(self.page_bytes) or self.page_bytes <= 0):
       raise ValueError(f"page_bytes must be None or a positive int, got {self.page_bytes!r}.")
+    if self.prefetch is not None and (not _is_int(self.prefetch) or self.prefetch < 0):
+      raise ValueError(f"prefetch must be None or a non-negative int, got {self.prefetch!r}.")
     if not isinstance(self.enabled, bool):
       raise ValueError(f"enabled must be a bool, got {self.enabled!r}.")
 
@@ -263,17 +274,20 @@ def paged(
   budget = _resolve_budget(policy, memory_stats)
 
   def init_fn(params):
-    state = tx.init(params)
-    return _place(state, placement(state, policy, budget))
+    if not elementwise:
+      state = tx.init(params)
+      return _place(state, placement(state, policy, budget))
+    template = jax.eval_shape(tx.init, params)
+    return _split_init(tx, params, template, placement(template, policy, budget))
 
   def update_fn(updates, state, params=None, **extra_args):
     where = placement(state, policy, budget)
-    if policy.page_bytes is None:
-      updates, new_state = _whole_update(tx, updates, state, params, extra_args)
-    else:
-      updates, new_state = _streamed_update(
-          tx, updates, state, params, extra_args, where, policy.page_bytes
+    if elementwise and (policy.page_bytes is not None or policy.prefetch is not None):
+      updates, new_state = _split_update(
+          tx, updates, state, params, extra_args, where, policy.page_bytes, policy.prefetch
       )
+    else:
+      updates, new_state = _whole_update(tx, updates, state, params, extra_args)
     return updates, _place(new_state, where)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -286,13 +300,27 @@ def _whole_update(tx, updates, state, params, extra_args):
 
 
 # ---------------------------------------------------------------------------
-# Streaming in pages.
+# One parameter at a time.
 #
-# A page is a range of rows of one parameter. The wrapped update runs on a
-# pruned tree holding only that page (every other parameter replaced by
-# None, which optax transformations pass through), so its state is the same
-# containers with only that parameter's leaves: state leaves are matched to
-# the full state by their key paths.
+# For an elementwise transformation the update (and init) can run on a pruned
+# tree holding one parameter (every other parameter replaced by None, which
+# optax transformations pass through); its state is then the same containers
+# with only that parameter's leaves, matched to the full state by key paths.
+# That lets the offloaded state move to the device one parameter at a time,
+# in an order the transfers must follow, and lets large leaves be streamed
+# in pages (ranges of rows).
+
+# Switches for benchmarks/paging_gpu.py, which measures the alternatives:
+# - where the ordering barrier sits: on the host-memory state before its
+#   move to the device (the move itself waits), or on the moved copy (only
+#   its use waits);
+# - whether a parameter's state also waits for its own gradient (so that
+#   no transfer starts before the backward pass has produced it);
+# - whether parameters go in reverse tree order (backpropagation produces
+#   the gradients of a network's last layers first).
+_ORDER_BEFORE_TRANSFER = True
+_GATE_ON_GRAD = True
+_REVERSE_ORDER = True
 
 
 def _paths(tree) -> dict:
@@ -308,6 +336,53 @@ def _pruned(treedef, leaves, keep: dict):
   return jax.tree.unflatten(treedef, [keep.get(j) for j in range(len(leaves))])
 
 
+def _owned_state(tx, leaves, treedef, full_paths):
+  """The state key paths that belong to each parameter leaf alone.
+
+  Returns ``{parameter index: [key path, ...]}``, or ``None`` when the state
+  does not split into per-parameter leaves plus shared ones (a step count...)
+  that all parameters read.
+  """
+  shapes = [_sds(x) for x in leaves]
+  shared = set(_paths(jax.eval_shape(tx.init, _pruned(treedef, shapes, {}))))
+  owned, seen = {}, set(shared)
+  for j, s in enumerate(shapes):
+    keys = [k for k in _paths(jax.eval_shape(tx.init, _pruned(treedef, shapes, {j: s})))
+            if k not in shared]
+    if any(k in seen or k not in full_paths for k in keys):
+      return None
+    seen.update(keys)
+    if keys:
+      owned[j] = keys
+  return owned if seen == set(full_paths) else None
+
+
+def _space(offloaded: bool):
+  return jax.memory.Space.Host if offloaded else jax.memory.Space.Device
+
+
+def _split_init(tx, params, template, where):
+  """``tx.init`` one offloaded parameter at a time, each moved out at once.
+
+  Only one parameter's new state is on the device at a time (outside
+  ``jit``), instead of the whole state before it is moved to the host.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  t_keys = list(_paths(template))
+  offloaded = dict(zip(t_keys, where))
+  owned = _owned_state(tx, leaves, treedef, dict.fromkeys(t_keys))
+  if owned is None:
+    return _place(tx.init(params), where)
+  groups = [j for j in sorted(owned) if any(offloaded[k] for k in owned[j])]
+  rest = {j: x for j, x in enumerate(leaves) if j not in groups}
+  values = _paths(tx.init(_pruned(treedef, leaves, rest)))
+  for j in groups:
+    new = _paths(tx.init(_pruned(treedef, leaves, {j: leaves[j]})))
+    values.update({k: _to_space(new[k], _space(offloaded[k])) for k in owned[j]})
+  flat = [values[k] for k in t_keys]
+  return _place(jax.tree.unflatten(jax.tree.structure(template), flat), where)
+
+
 class _PagePlan:
   """How one parameter leaf is cut into row pages, and which state follows."""
 
@@ -321,25 +396,22 @@ class _PagePlan:
     self.last_len = last_len  # ... and on the last page
 
 
-def _plan_pages(tx, u_leaves, u_def, full_paths, offloaded, page_bytes):
+def _plan_pages(tx, u_leaves, u_def, full_paths, offloaded, page_bytes, owned=None):
   """Page plans for the parameters whose offloaded state exceeds ``page_bytes``."""
   shapes = [_sds(x) for x in u_leaves]
+  if owned is None:
+    owned = _owned_state(tx, u_leaves, u_def, full_paths) or {}
 
   def template(j, rows):
     page = jax.ShapeDtypeStruct((rows,) + tuple(shapes[j].shape[1:]), shapes[j].dtype)
     return _paths(jax.eval_shape(tx.init, _pruned(u_def, shapes, {j: page})))
 
-  shared = set(_paths(jax.eval_shape(tx.init, _pruned(u_def, shapes, {}))))
   plans = []
-  for j, p in enumerate(shapes):
-    if p.ndim == 0 or p.shape[0] < 2:
+  for j, keys in sorted(owned.items()):
+    p = shapes[j]
+    if p.ndim == 0 or p.shape[0] < 2 or not any(offloaded[k] for k in keys):
       continue
-    owned = [k for k in template(j, p.shape[0]) if k not in shared]
-    if not owned or any(k not in full_paths for k in owned):
-      continue
-    if not any(offloaded[k] for k in owned):
-      continue
-    state_bytes = sum(_nbytes(full_paths[k]) for k in owned)
+    state_bytes = sum(_nbytes(full_paths[k]) for k in keys)
     if state_bytes <= page_bytes:
       continue
     # Pages start at multiples of 4096 elements, so that blocks of any
@@ -348,7 +420,7 @@ def _plan_pages(tx, u_leaves, u_def, full_paths, offloaded, page_bytes):
     row = math.prod(p.shape[1:])
     step = PAGE_ALIGN // math.gcd(row, PAGE_ALIGN) if row else 1
     rows = max(step, int(p.shape[0] * page_bytes // state_bytes) // step * step)
-    plan = _fit_pages(j, p.shape[0], rows, owned, full_paths, template)
+    plan = _fit_pages(j, p.shape[0], rows, keys, full_paths, template)
     if plan is None:
       _warn_once(
           f"nopage-{p.shape}-{p.dtype}",
@@ -389,7 +461,16 @@ def _fit_pages(j, total_rows, rows, owned, full_paths, template):
   return None
 
 
-def _streamed_update(tx, updates, state, params, extra_args, where, page_bytes):
+def _split_update(tx, updates, state, params, extra_args, where, page_bytes, prefetch):
+  """The update one parameter at a time (see the section comment).
+
+  Parameters without offloaded state, and the shared state, are updated in
+  one call first. Then each parameter with offloaded state, in tree order:
+  streamed in pages if its state exceeds ``page_bytes``, else whole; with
+  ``prefetch`` set, its state moves to the device only after the new state
+  of the parameter ``prefetch + 1`` places before it (an optimization
+  barrier orders the transfers).
+  """
   tx = optax.with_extra_args_support(tx)
   u_leaves, u_def = jax.tree.flatten(updates)
   p_leaves = None if params is None else jax.tree.leaves(params)
@@ -397,8 +478,14 @@ def _streamed_update(tx, updates, state, params, extra_args, where, page_bytes):
   s_keys = [jax.tree_util.keystr(p) for p, _ in s_flat]
   full = dict(zip(s_keys, (x for _, x in s_flat)))
   offloaded = dict(zip(s_keys, where))
-  plans = _plan_pages(tx, u_leaves, u_def, full, offloaded, page_bytes)
-  if not plans:
+  owned = _owned_state(tx, u_leaves, u_def, full)
+  if owned is None:
+    return _whole_update(tx, updates, state, params, extra_args)
+  plans = {} if page_bytes is None else {
+      p.index: p for p in _plan_pages(tx, u_leaves, u_def, full, offloaded, page_bytes, owned)}
+  groups = [j for j in sorted(owned) if any(offloaded[k] for k in owned[j])
+            and (prefetch is not None or j in plans)]
+  if not groups:
     return _whole_update(tx, updates, state, params, extra_args)
 
   def call(keep_u, keep_p, state_by_key):
@@ -411,55 +498,78 @@ def _streamed_update(tx, updates, state, params, extra_args, where, page_bytes):
             for p, _ in t_flat]
     new_u, new_s = tx.update(u_tree, jax.tree.unflatten(t_def, s_in), p_tree, **extra_args)
     new_u = u_def.flatten_up_to(new_u)
-    by_index = {j: new_u[j] for j in keep_u}
-    return by_index, _paths(new_s)
+    return {j: new_u[j] for j in keep_u}, _paths(new_s)
 
-  # 1. Every parameter that is not streamed, and the shared leaves (count...).
-  streamed = {plan.index for plan in plans}
-  rest = {j: u for j, u in enumerate(u_leaves) if j not in streamed}
+  def keep(j, row0=None, rows=None):
+    """Parameter ``j``'s update and param (rows ``row0:row0 + rows`` of them)."""
+    cut = (lambda x: x) if rows is None else (
+        lambda x: jax.lax.dynamic_slice_in_dim(x, row0, rows, 0))
+    return ({j: cut(u_leaves[j])},
+            {} if p_leaves is None else {j: cut(p_leaves[j])})
+
+  # 1. Every parameter that is not sequenced, and the shared leaves (count...).
+  rest = {j: u for j, u in enumerate(u_leaves) if j not in groups}
   rest_p = {} if p_leaves is None else {j: p_leaves[j] for j in rest}
   out_u, out_s = call(rest, rest_p, full.__getitem__)
-  out_u, out_s = dict(out_u), dict(out_s)
 
-  # 2. Each streamed parameter, one page of rows at a time.
-  for plan in plans:
-    j = plan.index
-
-    def run_page(row0, rows, lens, starts, host, buf, plan=plan, j=j):
-      keep_u = {j: jax.lax.dynamic_slice_in_dim(u_leaves[j], row0, rows, 0)}
-      keep_p = {} if p_leaves is None else {
-          j: jax.lax.dynamic_slice_in_dim(p_leaves[j], row0, rows, 0)}
-      page_state = {k: jax.lax.dynamic_slice_in_dim(host[k], s, n, 0)
-                    for k, s, n in zip(plan.owned, starts, lens)}
-      new_u, new_s = call(keep_u, keep_p, lambda k: page_state.get(k, full.get(k)))
-      buf = jax.lax.dynamic_update_slice_in_dim(buf, new_u[j], row0, 0)
-      host = dict(host)
-      for k, s in zip(plan.owned, starts):
-        space = jax.memory.Space.Host if offloaded[k] else jax.memory.Space.Device
-        page = _to_space(new_s[k], space)
-        host[k] = jax.lax.dynamic_update_slice_in_dim(host[k], page, s, 0)
-      return host, buf
-
-    out_dtype = jax.eval_shape(
-        lambda: run_page(0, plan.rows, plan.page_len, [0] * len(plan.owned),
-                         {k: full[k] for k in plan.owned},
-                         jnp.zeros(u_leaves[j].shape, u_leaves[j].dtype))[1]).dtype
-    carry = ({k: full[k] for k in plan.owned}, jnp.zeros(u_leaves[j].shape, out_dtype))
-
-    def body(i, carry, plan=plan, run_page=run_page):
-      return run_page(i * plan.rows, plan.rows, plan.page_len,
-                      [i * n for n in plan.page_len], *carry)
-
-    carry = jax.lax.fori_loop(0, plan.num_full, body, carry)
-    if plan.last_rows:
-      carry = run_page(plan.num_full * plan.rows, plan.last_rows, plan.last_len,
-                       [plan.num_full * n for n in plan.page_len], *carry)
-    host, out_u[j] = carry
-    out_s.update(host)
+  # 2. One parameter at a time, transfers ordered.
+  done = []  # per group: (new state on the device, new state where it lives)
+  for g, j in enumerate(groups[::-1] if _REVERSE_ORDER else groups):
+    old = {k: full[k] for k in owned[j]}
+    waits = [u_leaves[j]] if _GATE_ON_GRAD else []
+    if prefetch is not None and g > prefetch:
+      device_new, placed = done[g - 1 - prefetch]
+      waits.append(placed if _ORDER_BEFORE_TRANSFER else device_new)
+    if waits:
+      if not _ORDER_BEFORE_TRANSFER:
+        old = {k: _to_space(v, jax.memory.Space.Device) for k, v in old.items()}
+      old, _ = jax.lax.optimization_barrier((old, waits))
+    if j in plans:
+      out_u[j], placed = _stream(plans[j], call, keep, old, full, offloaded, u_leaves[j])
+      device_new = placed
+    else:
+      new_u, new_s = call(*keep(j), lambda k: old.get(k, full.get(k)))
+      out_u[j] = new_u[j]
+      device_new = {k: new_s[k] for k in owned[j]}
+      placed = {k: _to_space(v, _space(offloaded[k])) for k, v in device_new.items()}
+    out_s.update(placed)
+    done.append((device_new, placed))
 
   new_updates = jax.tree.unflatten(u_def, [out_u[j] for j in range(len(u_leaves))])
   new_state = jax.tree.unflatten(s_def, [out_s[k] for k in s_keys])
   return new_updates, new_state
+
+
+def _stream(plan, call, keep, old, full, offloaded, update_leaf):
+  """One parameter's update, a page of rows at a time: ``(updates, new state)``."""
+  j = plan.index
+
+  def run_page(row0, rows, lens, starts, host, buf):
+    page_state = {k: jax.lax.dynamic_slice_in_dim(host[k], s, n, 0)
+                  for k, s, n in zip(plan.owned, starts, lens)}
+    new_u, new_s = call(*keep(j, row0, rows), lambda k: page_state.get(k, full.get(k)))
+    buf = jax.lax.dynamic_update_slice_in_dim(buf, new_u[j], row0, 0)
+    host = dict(host)
+    for k, s in zip(plan.owned, starts):
+      page = _to_space(new_s[k], _space(offloaded[k]))
+      host[k] = jax.lax.dynamic_update_slice_in_dim(host[k], page, s, 0)
+    return host, buf
+
+  out_dtype = jax.eval_shape(
+      lambda: run_page(0, plan.rows, plan.page_len, [0] * len(plan.owned), old,
+                       jnp.zeros(update_leaf.shape, update_leaf.dtype))[1]).dtype
+  carry = (old, jnp.zeros(update_leaf.shape, out_dtype))
+
+  def body(i, carry):
+    return run_page(i * plan.rows, plan.rows, plan.page_len,
+                    [i * n for n in plan.page_len], *carry)
+
+  carry = jax.lax.fori_loop(0, plan.num_full, body, carry)
+  if plan.last_rows:
+    carry = run_page(plan.num_full * plan.rows, plan.last_rows, plan.last_len,
+                     [plan.num_full * n for n in plan.page_len], *carry)
+  host, buf = carry
+  return buf, host
 
 
 # ---------------------------------------------------------------------------
