@@ -35,14 +35,33 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit",
 STREAM_PAGE_BYTES = 256 * 2**20
 
 
+# Variants of the paged optimizers, as "name@mode+mode":
+#   streamed   stream leaves in pages of STREAM_PAGE_BYTES;
+#   unordered  prefetch=None: one update, XLA orders the transfers;
+#   p0, p2     prefetch=0 / 2 (default 1);
+#   gradonly   each parameter's state waits for its gradient, no chain;
+#   nogate     the chain only, not the gradient;
+#   dev        the barrier on the moved copy, not on the host state;
+#   forward    parameters in tree order, not reversed.
+MODES = ("streamed", "unordered", "p0", "p2", "gradonly", "nogate", "dev", "forward")
+
+
 def _build(name):
-  import optax
   import optax_paged as op
-  from optax_paged import registry
-  base, _, mode = name.partition("@")
+  from optax_paged import offload, registry
+  base, _, modes = name.partition("@")
+  modes = set(filter(None, modes.split("+")))
+  if modes - set(MODES):
+    raise SystemExit(f"unknown modes {sorted(modes - set(MODES))} in {name!r}; known: {MODES}")
   kwargs = {}
   if base.startswith("paged_"):
-    kwargs["policy"] = op.OffloadPolicy(page_bytes=STREAM_PAGE_BYTES if mode == "streamed" else None)
+    prefetch = {"unordered": None, "p0": 0, "p2": 2, "gradonly": 10**9}
+    kwargs["policy"] = op.OffloadPolicy(
+        page_bytes=STREAM_PAGE_BYTES if "streamed" in modes else None,
+        prefetch=next((prefetch[m] for m in modes if m in prefetch), 1))
+    offload._GATE_ON_GRAD = "nogate" not in modes
+    offload._ORDER_BEFORE_TRANSFER = "dev" not in modes
+    offload._REVERSE_ORDER = "forward" not in modes
   return registry.create(base, 1e-4, **kwargs)
 
 
@@ -53,15 +72,16 @@ def _model(tx, layers, width, batch):
   import optax
 
   key = jax.random.PRNGKey(0)
-  params = {f"layer_{i}": jax.random.normal(jax.random.fold_in(key, i), (width, width),
-                                            jnp.float32) * (1.0 / width**0.5)
+  # Zero-padded names: tree order is the layers' order.
+  params = {f"layer_{i:03d}": jax.random.normal(jax.random.fold_in(key, i), (width, width),
+                                                jnp.float32) * (1.0 / width**0.5)
             for i in range(layers)}
   x = jax.random.normal(key, (batch, width))
 
   def loss_fn(params):
     h = x
     for i in range(layers):
-      h = jnp.tanh(h @ params[f"layer_{i}"])
+      h = jnp.tanh(h @ params[f"layer_{i:03d}"])
     return jnp.mean(h**2)
 
   def train_step(params, state):
@@ -84,20 +104,27 @@ def worker(args):
   params, step = _model(tx, args.layers, args.width, args.batch)
   result = {"optimizer": args.optimizer, "layers": args.layers, "width": args.width,
             "params": args.layers * args.width**2, "platform": dev.platform}
+  peak = lambda: (dev.memory_stats() or {}).get("peak_bytes_in_use")
   try:
     state = tx.init(params)
+    jax.block_until_ready(state)
+    result["init_peak_bytes"] = peak()
     report = op.memory_report(state, params)
     result["state_bytes"] = report.by_kind
+    compiled = step.lower(params, state).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is not None:
+      result["compiled"] = {k: getattr(analysis, k) for k in dir(analysis)
+                            if k.endswith("_in_bytes") and isinstance(getattr(analysis, k), int)}
     times = []
     for _ in range(args.steps):
       t0 = time.perf_counter()
-      params, state, loss = step(params, state)
+      params, state, loss = compiled(params, state)
       jax.block_until_ready((params, state, loss))
       times.append(time.perf_counter() - t0)
     result["step_s"] = float(np.median(times[1:] or times))
     result["loss"] = float(loss)
-    stats = dev.memory_stats()
-    result["peak_bytes"] = None if not stats else stats.get("peak_bytes_in_use")
+    result["peak_bytes"] = peak()
     result["ok"] = True
   except Exception as e:  # noqa: BLE001 - OOM or anything else is the result
     result["ok"] = False
@@ -265,19 +292,32 @@ def main(argv=None):
         f"{a.layers * a.width**2 / 1e9:.2f}B parameters, batch {a.batch}, {a.steps} steps")
   bw = bandwidth()
   print(f"host->device {bw['h2d'] / 1e9:.1f} GB/s, device->host {bw['d2h'] / 1e9:.1f} GB/s")
-  results = [] if a.no_table else [_spawn(name, a.layers, a) for name in names]
+  results = []
+
+  def save():  # after every worker, so that a run cut off keeps what it measured
+    if a.json:
+      with open(a.json, "w") as f:
+        json.dump({"bandwidth": bw, "results": results}, f, indent=1)
+
+  for name in [] if a.no_table else names:
+    results.append(_spawn(name, a.layers, a))
+    print(f"  {name}: done", flush=True)
+    save()
   base = next((r["step_s"] for r in results if r["optimizer"] == "adamw" and r["ok"]), None)
-  print(f"{'optimizer':<28} {'peak GiB':>9} {'step ms':>9} {'x adamw':>8} {'host GiB':>9} "
-        f"{'device state GiB':>17} {'transfer bound ms':>18}")
+  print(f"{'optimizer':<34} {'peak GiB':>9} {'init peak':>9} {'step temp':>9} {'step ms':>9} "
+        f"{'x adamw':>8} {'host GiB':>9} {'device state GiB':>17} {'transfer bound ms':>18}")
   for r in results:
     if not r["ok"]:
-      print(f"{r['optimizer']:<28} failed: {r.get('error')}")
+      print(f"{r['optimizer']:<34} failed: {r.get('error')}")
       continue
     host = r["state_bytes"].get("pinned_host", 0)
     dev_state = r["state_bytes"].get("device", 0)
     bound = host / bw["h2d"] + host / bw["d2h"]
     ratio = r["step_s"] / base if base else float("nan")
-    print(f"{r['optimizer']:<28} {r['peak_bytes'] / 2**30:>9.2f} {r['step_s'] * 1e3:>9.1f} "
+    gib = lambda b: "n/a" if b is None else f"{b / 2**30:.2f}"
+    temp = r.get("compiled", {}).get("temp_size_in_bytes")
+    print(f"{r['optimizer']:<34} {gib(r['peak_bytes']):>9} {gib(r.get('init_peak_bytes')):>9} "
+          f"{gib(temp):>9} {r['step_s'] * 1e3:>9.1f} "
           f"{ratio:>8.2f} {host / 2**30:>9.2f} {dev_state / 2**30:>17.2f} {bound * 1e3:>18.1f}")
   if a.search:
     print(f"\nLargest model that trains (2 steps), device memory capped at "
@@ -291,9 +331,7 @@ def main(argv=None):
       print(f"{name:<28} {r['largest_layers']:>4} layers = {r['largest_params'] / 1e9:.2f}B parameters "
             f"under {r['bytes_limit'] / 2**30:.1f} GiB; tried {r['tried']}{note}")
       results.append(r)
-  if a.json:
-    with open(a.json, "w") as f:
-      json.dump({"bandwidth": bw, "results": results}, f, indent=1)
+      save()
   return 0
 
 
