@@ -55,9 +55,10 @@ def compiler_params(platform: str | None = None, num_warps: int | None = None):
   return None
 
 
-# GPU (Triton) programs: elements per program and warps per program.
-GPU_TILE_ELEMENTS = 2048
-GPU_NUM_WARPS = 4
+# GPU (Triton) programs: elements per program and warps per program (the
+# fastest of a sweep on an H200 at 256M elements, benchmarks/RESULTS.md).
+GPU_TILE_ELEMENTS = 4096
+GPU_NUM_WARPS = 8
 
 
 def tile_rows(num_blocks: int, block_size: int, platform: str | None = None, interpret: bool = False) -> int:
@@ -75,6 +76,23 @@ def tile_rows(num_blocks: int, block_size: int, platform: str | None = None, int
   target = 65536 if not interpret else max(65536, 1 << 20)
   rows = max(32, target // block_size)
   return num_blocks if num_blocks <= rows else rows
+
+
+def _whole_tiles(rows, *arrays):
+  """Pads ``arrays`` along axis 0 to whole tiles of ``rows``: ``(rows before, arrays)``.
+
+  A compiled GPU kernel's last, partial tile wrote past the end of its
+  outputs (seen on an H200 with JAX 0.11.2: the rows beyond the array landed
+  in the next buffer, another moment's codes). With whole tiles no program
+  reaches past the end. Interpret mode pads too, so that CPU tests run the
+  same code.
+  """
+  n = arrays[0].shape[0]
+  extra = -n % rows
+  if not extra:
+    return n, arrays
+  pad = lambda x: jnp.pad(x, ((0, extra),) + ((0, 0),) * (x.ndim - 1))
+  return n, tuple(pad(x) for x in arrays)
 
 
 def _safe_inverse(absmax):
@@ -131,7 +149,7 @@ def fused_update(
     interpret: run with the Pallas interpreter (any backend, slow).
     platform: lowering target (default: the default backend).
     rows: blocks per grid step (default: :func:`tile_rows`).
-    num_warps: GPU only, warps per program (default 4).
+    num_warps: GPU only, warps per program (default ``GPU_NUM_WARPS``).
 
   Returns:
     ``(direction, new_codes, new_absmax)`` shaped like the inputs.
@@ -172,11 +190,14 @@ def fused_update(
   )
   first = 2 + nt
   aliases = {first + i: 1 + i for i in range(k)} | {first + k + i: 1 + k + i for i in range(k)}
-  out = _call(kernel, out_shape, in_specs, out_specs, (pl.cdiv(num_blocks, rows),), aliases,
-              platform, interpret, "optax_paged_fused_update", num_warps)(
-      hvec, grad, *tables, *codes, *(a.reshape(num_blocks, 1) for a in absmax))
-  direction, new_codes, new_absmax = out[0], out[1:1 + k], out[1 + k:]
-  return direction, tuple(new_codes), tuple(a.reshape(num_blocks) for a in new_absmax)
+  n, (grad, *rest) = _whole_tiles(rows, grad, *codes,
+                                  *(a.reshape(num_blocks, 1) for a in absmax))
+  out_shape = [jax.ShapeDtypeStruct((grad.shape[0],) + o.shape[1:], o.dtype) for o in out_shape]
+  out = _call(kernel, out_shape, in_specs, out_specs, (pl.cdiv(grad.shape[0], rows),), aliases,
+              platform, interpret, "optax_paged_fused_update", num_warps)(hvec, grad, *tables, *rest)
+  direction, new_codes, new_absmax = out[0][:n], out[1:1 + k], out[1 + k:]
+  return (direction, tuple(c[:n] for c in new_codes),
+          tuple(a[:n].reshape(num_blocks) for a in new_absmax))
 
 
 def quantize(
@@ -211,14 +232,15 @@ def quantize(
     c_ref[...] = encoder(v * _safe_inverse(scale), t_refs)
 
   tile = pl.BlockSpec((rows, block_size), lambda i: (i, 0))
+  n, (x,) = _whole_tiles(rows, x)
   codes, scale = _call(
       kernel,
-      [jax.ShapeDtypeStruct(x.shape, jnp.uint8), jax.ShapeDtypeStruct((num_blocks, 1), jnp.float32)],
+      [jax.ShapeDtypeStruct(x.shape, jnp.uint8), jax.ShapeDtypeStruct((x.shape[0], 1), jnp.float32)],
       [tile] + [pl.BlockSpec(t.shape, lambda i: (0,)) for t in tables],
       [tile, pl.BlockSpec((rows, 1), lambda i: (i, 0))],
-      (pl.cdiv(num_blocks, rows),), {}, platform, interpret, "optax_paged_quantize",
+      (pl.cdiv(x.shape[0], rows),), {}, platform, interpret, "optax_paged_quantize",
   )(x, *tables)
-  return codes, scale.reshape(num_blocks)
+  return codes[:n], scale[:n].reshape(num_blocks)
 
 
 def dequantize(
@@ -241,9 +263,10 @@ def dequantize(
     o_ref[...] = decoder(c_ref[...].astype(jnp.int32), t_refs) * a_ref[...]
 
   tile = pl.BlockSpec((rows, block_size), lambda i: (i, 0))
+  n, (codes, absmax) = _whole_tiles(rows, codes, absmax.reshape(num_blocks, 1))
   return _call(
       kernel, jax.ShapeDtypeStruct(codes.shape, jnp.float32),
       [tile, pl.BlockSpec((rows, 1), lambda i: (i, 0))]
       + [pl.BlockSpec(t.shape, lambda i: (0,)) for t in tables], tile,
-      (pl.cdiv(num_blocks, rows),), {}, platform, interpret, "optax_paged_dequantize",
-  )(codes, absmax.reshape(num_blocks, 1), *tables)
+      (pl.cdiv(codes.shape[0], rows),), {}, platform, interpret, "optax_paged_dequantize",
+  )(codes, absmax, *tables)[:n]
