@@ -8,10 +8,20 @@ gathered), while the XLA path keeps shards local. ``"pallas"`` forces the
 kernels (interpret mode on CPU: slow, for tests); ``"xla"`` forces XLA. The
 environment variable ``OPTAX_PAGED_BACKEND`` (``pallas`` or ``xla``)
 replaces ``"auto"`` when the transformation is built.
+
+Inside :func:`optax_paged.paged`, ``"auto"`` uses XLA: with the kernel, XLA
+on the GPU schedules every parameter update (``apply_updates`` of the
+kernel's direction) at the end of the step, so each leaf's float32 direction
+stays on the device until then (4 bytes per parameter: 7.88 GiB peak
+instead of 4.97 GiB for 1B parameters on an H200, where the fused XLA
+update leaves no direction behind). A paged step is bound by the host
+transfers anyway (97 ms instead of 88 ms there).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
@@ -41,6 +51,19 @@ def check_backend(backend: str) -> str:
   return backend
 
 
+_AUTO_USES_XLA = contextvars.ContextVar("optax_paged_auto_uses_xla", default=False)
+
+
+@contextlib.contextmanager
+def auto_uses_xla():
+  """Within this context ``backend="auto"`` means XLA (see the module docstring)."""
+  token = _AUTO_USES_XLA.set(True)
+  try:
+    yield
+  finally:
+    _AUTO_USES_XLA.reset(token)
+
+
 def use_pallas(backend: str) -> tuple[bool, bool]:
   """``(use the kernels, in interpret mode)`` for a checked backend, now."""
   platform = jax.default_backend()
@@ -48,6 +71,8 @@ def use_pallas(backend: str) -> tuple[bool, bool]:
     return False, False
   if backend == "pallas":
     return True, platform not in KERNEL_PLATFORMS
+  if _AUTO_USES_XLA.get():
+    return False, False
   return platform in KERNEL_PLATFORMS and jax.device_count() == 1, False
 
 

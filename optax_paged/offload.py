@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_paged import backend as backend_lib
+
 HOST = "pinned_host"
 DEVICE = "device"
 
@@ -64,12 +66,15 @@ class OffloadPolicy:
       ``paged(..., elementwise=True)``.
     prefetch: ordering of the transfers, for elementwise transformations
       (``paged(..., elementwise=True)``, as the ``paged_*`` aliases are). The
-      update then runs one parameter at a time, and the state of the ``i``-th
-      offloaded parameter is moved to the device only once the new state of
-      the ``(i - 1 - prefetch)``-th is back in host memory: at most
+      update then runs one parameter at a time (in reverse tree order: a
+      network's last layers get their gradients first), and the state of the
+      ``i``-th offloaded parameter is moved to the device only once the new
+      state of the ``(i - 1 - prefetch)``-th is back in host memory: at most
       ``prefetch + 1`` parameters' state is on the device at once (default
       1: one updating while the next one's state comes in). ``None`` leaves
-      the order to XLA, which may bring all the state in at once.
+      the order to XLA, which brings all the state in at once (measured on
+      an H200: 12.05 GiB peak for 1B parameters of ``paged_adamw``, 5.53 GiB
+      with the default).
     enabled: ``False`` turns paging off (the wrapped transformation runs
       unchanged).
   """
@@ -281,6 +286,10 @@ def paged(
     return _split_init(tx, params, template, placement(template, policy, budget))
 
   def update_fn(updates, state, params=None, **extra_args):
+    with backend_lib.auto_uses_xla():
+      return _update(updates, state, params, **extra_args)
+
+  def _update(updates, state, params=None, **extra_args):
     where = placement(state, policy, budget)
     if elementwise and (policy.page_bytes is not None or policy.prefetch is not None):
       updates, new_state = _split_update(
@@ -310,16 +319,10 @@ def _whole_update(tx, updates, state, params, extra_args):
 # in an order the transfers must follow, and lets large leaves be streamed
 # in pages (ranges of rows).
 
-# Switches for benchmarks/paging_gpu.py, which measures the alternatives:
-# - where the ordering barrier sits: on the host-memory state before its
-#   move to the device (the move itself waits), or on the moved copy (only
-#   its use waits);
-# - whether a parameter's state also waits for its own gradient (so that
-#   no transfer starts before the backward pass has produced it);
-# - whether parameters go in reverse tree order (backpropagation produces
-#   the gradients of a network's last layers first).
-_ORDER_BEFORE_TRANSFER = True
-_GATE_ON_GRAD = True
+# Parameters go in reverse tree order (backpropagation produces the
+# gradients of a network's last layers first). A switch for
+# benchmarks/paging_gpu.py ("@forward"): on an H200, tree order gave the same
+# peak and float32 paged steps 12% faster (benchmarks/RESULTS.md).
 _REVERSE_ORDER = True
 
 
@@ -465,7 +468,8 @@ def _split_update(tx, updates, state, params, extra_args, where, page_bytes, pre
   """The update one parameter at a time (see the section comment).
 
   Parameters without offloaded state, and the shared state, are updated in
-  one call first. Then each parameter with offloaded state, in tree order:
+  one call first. Then each parameter with offloaded state, in reverse tree
+  order:
   streamed in pages if its state exceeds ``page_bytes``, else whole; with
   ``prefetch`` set, its state moves to the device only after the new state
   of the parameter ``prefetch + 1`` places before it (an optimization
@@ -513,27 +517,22 @@ def _split_update(tx, updates, state, params, extra_args, where, page_bytes, pre
   out_u, out_s = call(rest, rest_p, full.__getitem__)
 
   # 2. One parameter at a time, transfers ordered.
-  done = []  # per group: (new state on the device, new state where it lives)
+  done = []  # per group: its new state, where it lives
   for g, j in enumerate(groups[::-1] if _REVERSE_ORDER else groups):
     old = {k: full[k] for k in owned[j]}
-    waits = [u_leaves[j]] if _GATE_ON_GRAD else []
     if prefetch is not None and g > prefetch:
-      device_new, placed = done[g - 1 - prefetch]
-      waits.append(placed if _ORDER_BEFORE_TRANSFER else device_new)
-    if waits:
-      if not _ORDER_BEFORE_TRANSFER:
-        old = {k: _to_space(v, jax.memory.Space.Device) for k, v in old.items()}
-      old, _ = jax.lax.optimization_barrier((old, waits))
+      # The barrier sits on the host-memory state, so the move itself waits
+      # (on the moved copy only its use would wait: XLA then moves all the
+      # state in at once, as unordered).
+      old, _ = jax.lax.optimization_barrier((old, done[g - 1 - prefetch]))
     if j in plans:
       out_u[j], placed = _stream(plans[j], call, keep, old, full, offloaded, u_leaves[j])
-      device_new = placed
     else:
       new_u, new_s = call(*keep(j), lambda k: old.get(k, full.get(k)))
       out_u[j] = new_u[j]
-      device_new = {k: new_s[k] for k in owned[j]}
-      placed = {k: _to_space(v, _space(offloaded[k])) for k, v in device_new.items()}
+      placed = {k: _to_space(new_s[k], _space(offloaded[k])) for k in owned[j]}
     out_s.update(placed)
-    done.append((device_new, placed))
+    done.append(placed)
 
   new_updates = jax.tree.unflatten(u_def, [out_u[j] for j in range(len(u_leaves))])
   new_state = jax.tree.unflatten(s_def, [out_s[k] for k in s_keys])

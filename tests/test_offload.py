@@ -171,21 +171,18 @@ def test_ordered_paging_equals_unpaged(name, prefetch):
     chex.assert_trees_all_close(plain, paged, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("prefetch, chained", [(None, None), (0, 3), (1, 2), (3, 0)])
+@pytest.mark.parametrize("prefetch, chained", [(None, 0), (0, 3), (1, 2), (3, 0)])
 def test_prefetch_orders_the_transfers(prefetch, chained):
-  """Each parameter's state waits for its gradient and, ``prefetch + 1``
-  parameters back, for that parameter's new state."""
+  """Each parameter's state waits for the new state of the parameter
+  ``prefetch + 1`` places before it."""
   params = _four_leaves()
   tx = op.paged_adamw_8bit(1e-3, policy=op.OffloadPolicy(min_size=1000, prefetch=prefetch))
   state = tx.init(params)
   text = jax.jit(tx.update).lower(params, state, params).as_text()
-  # "%3:5 = stablehlo.optimization_barrier ...": 4 state leaves + the gradient,
-  # and 4 more (the new state waited for) where chained.
-  sizes = [int(n) for n in re.findall(r"%\d+:(\d+) = stablehlo.optimization_barrier", text)]
-  if chained is None:
-    assert sizes == []
-  else:
-    assert sorted(sizes) == [5] * (4 - chained) + [9] * chained
+  # "%3:8 = stablehlo.optimization_barrier ...": the 4 state leaves of a
+  # parameter and the 4 new state leaves it waits for.
+  sizes = re.findall(r"%\d+:(\d+) = stablehlo.optimization_barrier", text)
+  assert sizes == ["8"] * chained
 
 
 @pytest.mark.parametrize("name", sorted(ORDERED))
@@ -347,3 +344,23 @@ def test_orbax_round_trip_restores_bits_and_memory_kinds(tmp_path):
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   direct = ckpt.restore(tmp_path / "state", target)
   assert _kinds(direct) == _kinds(state)
+
+
+def test_auto_backend_is_xla_inside_paged(monkeypatch):
+  """With the fused kernel XLA (GPU) keeps every leaf's direction until the
+  end of a paged step; inside paged() "auto" picks the XLA path."""
+  from optax_paged import backend as backend_lib
+  monkeypatch.setattr(backend_lib.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(backend_lib.jax, "device_count", lambda: 1)
+  assert backend_lib.use_pallas("auto") == (True, False)
+  with backend_lib.auto_uses_xla():
+    assert backend_lib.use_pallas("auto") == (False, False)
+    assert backend_lib.use_pallas("pallas") == (True, False)
+  assert backend_lib.use_pallas("auto") == (True, False)
+  seen = []
+  real = backend_lib.use_pallas
+  monkeypatch.setattr(backend_lib, "use_pallas", lambda b: seen.append(real(b)) or (False, False))
+  params = _four_leaves()
+  tx = op.paged_adamw_8bit(1e-3, policy=SMALL)
+  jax.jit(tx.update).lower(params, tx.init(params), params)
+  assert seen and set(seen) == {(False, False)}
