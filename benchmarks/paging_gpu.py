@@ -35,15 +35,13 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit",
 STREAM_PAGE_BYTES = 256 * 2**20
 
 
-# Variants of the paged optimizers, as "name@mode+mode":
+# Variants, as "name@mode+mode":
 #   streamed   stream leaves in pages of STREAM_PAGE_BYTES;
 #   unordered  prefetch=None: one update, XLA orders the transfers;
 #   p0, p2     prefetch=0 / 2 (default 1);
-#   gradonly   each parameter's state waits for its gradient, no chain;
-#   nogate     the chain only, not the gradient;
-#   dev        the barrier on the moved copy, not on the host state;
-#   forward    parameters in tree order, not reversed.
-MODES = ("streamed", "unordered", "p0", "p2", "gradonly", "nogate", "dev", "forward")
+#   forward    parameters in tree order, not reversed;
+#   xla        backend="xla" (8-bit optimizers; unpaged "auto" is the kernel).
+MODES = ("streamed", "unordered", "p0", "p2", "forward", "xla")
 
 
 def _build(name):
@@ -53,14 +51,12 @@ def _build(name):
   modes = set(filter(None, modes.split("+")))
   if modes - set(MODES):
     raise SystemExit(f"unknown modes {sorted(modes - set(MODES))} in {name!r}; known: {MODES}")
-  kwargs = {}
+  kwargs = {"backend": "xla"} if "xla" in modes else {}
   if base.startswith("paged_"):
-    prefetch = {"unordered": None, "p0": 0, "p2": 2, "gradonly": 10**9}
+    prefetch = {"unordered": None, "p0": 0, "p2": 2}
     kwargs["policy"] = op.OffloadPolicy(
         page_bytes=STREAM_PAGE_BYTES if "streamed" in modes else None,
         prefetch=next((prefetch[m] for m in modes if m in prefetch), 1))
-    offload._GATE_ON_GRAD = "nogate" not in modes
-    offload._ORDER_BEFORE_TRANSFER = "dev" not in modes
     offload._REVERSE_ORDER = "forward" not in modes
   return registry.create(base, 1e-4, **kwargs)
 

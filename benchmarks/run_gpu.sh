@@ -24,9 +24,8 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 { nvidia-smi -L; $PY -c "import jax, optax, flax; print('jax', jax.__version__, jax.devices(), 'optax', optax.__version__, 'flax', flax.__version__)"; } 2>&1 | tee "$OUT/env.log"
 part paging && timeout 240 $PY benchmarks/paging_gpu.py --timeout 60 --optimizers \
-adamw,adamw_8bit,paged_adamw,paged_adamw_8bit,paged_adamw@unordered,paged_adamw_8bit@unordered,\
-paged_adamw@gradonly,paged_adamw@nogate,paged_adamw@dev,paged_adamw@forward,paged_adamw@p0,\
-paged_adamw_8bit@streamed --json "$OUT/paging.json" 2>&1 | tee "$OUT/paging.log"
+adamw,adamw_8bit,paged_adamw,paged_adamw_8bit,paged_adamw@unordered,paged_adamw@forward,\
+paged_adamw_8bit@forward,paged_adamw@p0,paged_adamw_8bit@streamed --json "$OUT/paging.json" 2>&1 | tee "$OUT/paging.log"
 part kernels && timeout 110 $PY benchmarks/kernels_gpu.py --sweep --sizes 256e6,64e6,1e9 --repeats 10 2>&1 | tee "$OUT/kernels.log"
 part tests && timeout 80 $PY -m pytest -q -p no:cacheprovider -k "not lowers" tests/test_pallas.py 2>&1 | tee "$OUT/pallas_tests.log" | tail -30
 part search && timeout 100 $PY benchmarks/paging_gpu.py --no-table --search --timeout 24 --search-fraction 0.03 \
