@@ -8,13 +8,18 @@ them to ``device`` memory, runs the wrapped update, and moves the new state
 back, with ``jax.device_put`` to a memory *space*, so the leaves keep their
 shardings (and partition specs) and nobody passes shardings around.
 
+For elementwise transformations the update runs one parameter at a time,
+and each parameter's state moves to the device only after an earlier
+parameter's new state is back on the host (``prefetch``), so the device
+holds a few parameters' state at once instead of all of it.
+
 Large leaves can be streamed through the device in pages (``page_bytes``):
 the update then runs one page of rows at a time, so the device holds a
-bounded number of pages of state instead of the whole leaf. Streaming applies
-the wrapped transformation to each page separately, so it is only correct for
-transformations that act on every element independently (Adam, AdamW, Lion,
-SGD and their 8-bit forms); :func:`paged` therefore streams only when told
-``elementwise=True``, which the library's ``paged_*`` aliases do.
+bounded number of pages of state instead of the whole leaf. Both apply the
+wrapped transformation to a part of the tree at a time, so they are only
+correct for transformations that act on every element independently (Adam,
+AdamW, Lion, SGD and their 8-bit forms); :func:`paged` therefore splits only
+when told ``elementwise=True``, which the library's ``paged_*`` aliases do.
 """
 
 from __future__ import annotations
@@ -247,7 +252,9 @@ def paged(
     elementwise: assert that ``tx`` updates every element independently of
       all others (no global norms, no per-leaf statistics). Required for
       ``policy.page_bytes`` streaming, which applies ``tx`` to one page of a
-      leaf at a time.
+      leaf at a time, and for ordered transfers (``policy.prefetch``), which
+      apply it to one parameter at a time; without it the update runs whole
+      and XLA orders the transfers.
     memory_stats: where ``device_budget_bytes="auto"`` reads device memory
       statistics (default: ``jax.devices()[0].memory_stats``); for tests.
 
