@@ -386,6 +386,11 @@ def _owned_state(templates: _Templates, full_paths):
   return owned if seen == set(full_paths) else None
 
 
+def _with_offloaded_state(owned, offloaded) -> list[int]:
+  """Indices of the parameters that own at least one offloaded state leaf."""
+  return [j for j in sorted(owned) if any(offloaded[k] for k in owned[j])]
+
+
 def _space(offloaded: bool):
   return jax.memory.Space.Host if offloaded else jax.memory.Space.Device
 
@@ -402,7 +407,7 @@ def _split_init(tx, params, template, where):
   owned = _owned_state(_Templates(tx, leaves, treedef), dict.fromkeys(t_keys))
   if owned is None:
     return _place(tx.init(params), where)
-  groups = [j for j in sorted(owned) if any(offloaded[k] for k in owned[j])]
+  groups = _with_offloaded_state(owned, offloaded)
   rest = {j: x for j, x in enumerate(leaves) if j not in groups}
   values = _paths(tx.init(_pruned(treedef, leaves, rest)))
   for j in groups:
@@ -425,20 +430,21 @@ class _PagePlan:
     self.last_len = last_len  # ... and on the last page
 
 
-def _plan_pages(templates: _Templates, full_paths, offloaded, page_bytes, owned=None):
-  """Page plans for the parameters whose offloaded state exceeds ``page_bytes``."""
+def _plan_pages(templates: _Templates, full_paths, offloaded, page_bytes, owned):
+  """Page plans for the parameters whose offloaded state exceeds ``page_bytes``.
+
+  ``owned`` is :func:`_owned_state`'s answer: the state each parameter owns.
+  """
   shapes = templates.shapes
-  if owned is None:
-    owned = _owned_state(templates, full_paths) or {}
 
   def template(j, rows):
     page = jax.ShapeDtypeStruct((rows,) + tuple(shapes[j].shape[1:]), shapes[j].dtype)
     return _paths(templates({j: page}))
 
   plans = []
-  for j, keys in sorted(owned.items()):
-    p = shapes[j]
-    if p.ndim == 0 or p.shape[0] < 2 or not any(offloaded[k] for k in keys):
+  for j in _with_offloaded_state(owned, offloaded):
+    p, keys = shapes[j], owned[j]
+    if p.ndim == 0 or p.shape[0] < 2:
       continue
     state_bytes = sum(_nbytes(full_paths[k]) for k in keys)
     if state_bytes <= page_bytes:
@@ -495,8 +501,7 @@ def _split_update(tx, updates, state, params, extra_args, where, page_bytes, pre
 
   Parameters without offloaded state, and the shared state, are updated in
   one call first. Then each parameter with offloaded state, in reverse tree
-  order:
-  streamed in pages if its state exceeds ``page_bytes``, else whole; with
+  order: streamed in pages if its state exceeds ``page_bytes``, else whole; with
   ``prefetch`` set, its state moves to the device only after the new state
   of the parameter ``prefetch + 1`` places before it (an optimization
   barrier orders the transfers).
@@ -514,8 +519,8 @@ def _split_update(tx, updates, state, params, extra_args, where, page_bytes, pre
     return _whole_update(tx, updates, state, params, extra_args)
   plans = {} if page_bytes is None else {
       p.index: p for p in _plan_pages(templates, full, offloaded, page_bytes, owned)}
-  groups = [j for j in sorted(owned) if any(offloaded[k] for k in owned[j])
-            and (prefetch is not None or j in plans)]
+  groups = [j for j in _with_offloaded_state(owned, offloaded)
+            if prefetch is not None or j in plans]
   if not groups:
     return _whole_update(tx, updates, state, params, extra_args)
 

@@ -79,7 +79,7 @@ def tile_rows(num_blocks: int, block_size: int, platform: str | None = None, int
 
 
 def _whole_tiles(rows, *arrays):
-  """Pads ``arrays`` along axis 0 to whole tiles of ``rows``: ``(rows before, arrays)``.
+  """Pads ``arrays`` along axis 0 to whole tiles of ``rows``: ``(original rows, arrays)``.
 
   A compiled GPU kernel's last, partial tile wrote past the end of its
   outputs (seen on an H200 with JAX 0.11.2: the rows beyond the array landed
@@ -159,6 +159,9 @@ def fused_update(
   names = sorted(hparams)
   hvec = jnp.stack([jnp.asarray(hparams[n], jnp.float32) for n in names]).reshape(1, len(names))
   rows = rows or tile_rows(num_blocks, block_size, platform, interpret)
+  n, (grad, *state) = _whole_tiles(rows, grad, *codes,
+                                   *(a.reshape(num_blocks, 1) for a in absmax))
+  padded_blocks = grad.shape[0]
 
   nt = len(tables)
 
@@ -186,15 +189,12 @@ def fused_update(
   out_shape = (
       [jax.ShapeDtypeStruct(grad.shape, out_dtype)]
       + [jax.ShapeDtypeStruct(grad.shape, jnp.uint8)] * k
-      + [jax.ShapeDtypeStruct((num_blocks, 1), jnp.float32)] * k
+      + [jax.ShapeDtypeStruct((padded_blocks, 1), jnp.float32)] * k
   )
   first = 2 + nt
   aliases = {first + i: 1 + i for i in range(k)} | {first + k + i: 1 + k + i for i in range(k)}
-  n, (grad, *rest) = _whole_tiles(rows, grad, *codes,
-                                  *(a.reshape(num_blocks, 1) for a in absmax))
-  out_shape = [jax.ShapeDtypeStruct((grad.shape[0],) + o.shape[1:], o.dtype) for o in out_shape]
-  out = _call(kernel, out_shape, in_specs, out_specs, (pl.cdiv(grad.shape[0], rows),), aliases,
-              platform, interpret, "optax_paged_fused_update", num_warps)(hvec, grad, *tables, *rest)
+  out = _call(kernel, out_shape, in_specs, out_specs, (padded_blocks // rows,), aliases,
+              platform, interpret, "optax_paged_fused_update", num_warps)(hvec, grad, *tables, *state)
   direction, new_codes, new_absmax = out[0][:n], out[1:1 + k], out[1 + k:]
   return (direction, tuple(c[:n] for c in new_codes),
           tuple(a[:n].reshape(num_blocks) for a in new_absmax))

@@ -132,7 +132,8 @@ def test_streaming_really_pages():
   full = {jax.tree_util.keystr(p): x for p, x in s_flat}
   where = dict(zip(full, offload.placement(state, tx_policy := op.OffloadPolicy(min_size=1000, page_bytes=64 * 1024))))
   templates = offload._Templates(optax.with_extra_args_support(op.adamw_8bit(1e-3)), u_leaves, u_def)
-  plans = offload._plan_pages(templates, full, where, tx_policy.page_bytes)
+  plans = offload._plan_pages(templates, full, where, tx_policy.page_bytes,
+                              offload._owned_state(templates, full))
   assert len(plans) == 1 and plans[0].rows * 1024 * 2 <= 64 * 1024 * 2
   assert plans[0].num_full * plans[0].rows + plans[0].last_rows == 512
 
