@@ -426,11 +426,14 @@ def _paged_variant(fn, *, elementwise: bool, twin: str):
   per-leaf trust ratios, so they are paged whole).
   """
 
+  sig = inspect.signature(fn)
+
   @functools.wraps(fn)
   def wrapper(*args, policy: OffloadPolicy | None = None, **kwargs):
+    # optax's own constructors accept any learning rate; ours reject negative ones.
+    _check_learning_rate(sig.bind_partial(*args, **kwargs).arguments.get("learning_rate"))
     return paged(fn(*args, **kwargs), policy, elementwise=elementwise)
 
-  sig = inspect.signature(fn)
   policy = inspect.Parameter("policy", inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation="OffloadPolicy | None")
   wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), policy])

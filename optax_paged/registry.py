@@ -28,6 +28,7 @@ import optax.contrib
 
 from optax_paged import alias
 from optax_paged.clipping import percentile_clipping
+from optax_paged.transform import check_hyperparam
 
 # name -> constructor taking ``learning_rate`` first, optax-style.
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
@@ -73,8 +74,10 @@ def create(name: str, learning_rate, **kwargs) -> optax.GradientTransformation:
     An ``optax.GradientTransformation``.
 
   Raises:
-    ValueError: for an unknown name (listing the accepted ones) or an
-      argument the constructor does not take.
+    ValueError: for an unknown name (listing the accepted ones), an
+      argument the constructor does not take, or a negative (or non-finite)
+      learning rate, also for optax's own optimizers (a schedule is checked
+      at step 0).
   """
   try:
     ctor = OPTIMIZERS[name]
@@ -87,6 +90,7 @@ def create(name: str, learning_rate, **kwargs) -> optax.GradientTransformation:
       raise ValueError(
           f"{name} takes no argument(s) {', '.join(unknown)}; accepted: "
           f"{', '.join(p for p in params if p != 'learning_rate')}.")
+  check_hyperparam("learning_rate", learning_rate, 0.0)
   return ctor(learning_rate, **kwargs)
 
 

@@ -95,9 +95,17 @@ ScaleByAdam8bitState.SIGNED = {"mu": True, "nu": False}
 def check_hyperparam(name: str, value, low=None, high=None, *, high_open=False):
   """Raises ``ValueError`` if a concrete scalar hyperparameter is out of range.
 
-  Traced values (``optax.inject_hyperparams``) and schedules are not checked.
+  A schedule is checked at step 0 (so e.g. a negative
+  ``optax.linear_schedule`` fails here, not by ascending the gradient); its
+  later values, and traced values (``optax.inject_hyperparams``), are used
+  as they come, as in optax.
   """
-  if value is None or callable(value) or isinstance(value, jax.core.Tracer):
+  if callable(value):
+    first = _schedule_start(value)
+    if first is not None:
+      check_hyperparam(f"{name} (schedule at step 0)", first, low, high, high_open=high_open)
+    return
+  if value is None or isinstance(value, jax.core.Tracer):
     return
   try:
     v = float(value)
@@ -110,6 +118,20 @@ def check_hyperparam(name: str, value, low=None, high=None, *, high_open=False):
   if high is not None and (v >= high if high_open else v > high):
     op = "<" if high_open else "<="
     raise ValueError(f"{name} must be {op} {high}, got {v}.")
+
+
+def _schedule_start(schedule):
+  """``schedule(0)`` as a Python float, or ``None`` if it is not a concrete scalar."""
+  try:
+    value = schedule(jnp.zeros([], jnp.int32))
+  except Exception:  # not a count -> scalar schedule; leave it to the step
+    return None
+  if isinstance(value, jax.core.Tracer) or jnp.ndim(value) != 0:
+    return None
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return None
 
 
 def check_min_8bit_size(min_8bit_size) -> int:
@@ -134,6 +156,20 @@ def _check_leaf_dtype(path, leaf):
         "Exclude integer or complex leaves with optax.masked or "
         "optax.partition."
     )
+
+
+def _check_grad_shape(path, grad, moment):
+  """Raises ``ValueError`` unless a gradient leaf has its state's shape.
+
+  Without this a gradient of another shape but the same size (a transposed
+  one, say) would be blocked and updated element by element in the wrong
+  order, silently.
+  """
+  if jnp.shape(grad) != jnp.shape(moment):
+    raise ValueError(
+        f"The gradient leaf at {jax.tree_util.keystr(path)} has shape "
+        f"{tuple(jnp.shape(grad))} but the optimizer state was built for a "
+        f"parameter of shape {tuple(jnp.shape(moment))}.")
 
 
 def _quantize_flags(tree, min_8bit_size: int, quantize_mask: QuantizeMask):
@@ -331,6 +367,7 @@ def scale_by_rule_8bit(
     k = len(names)
 
     pallas, interpret = backend_lib.use_pallas(backend)
+    jax.tree_util.tree_map_with_path(_check_grad_shape, updates, moment_trees[0])
 
     def leaf_update(g, flag, *leaf_state):
       mom, scales = leaf_state[:k], leaf_state[k:]

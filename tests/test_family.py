@@ -31,6 +31,11 @@ FAMILY = {
 }
 
 
+def _momentum_kwargs(name):
+  """Arguments an 8-bit alias needs beyond the learning rate (sgd_8bit stores momentum)."""
+  return {"momentum": 0.9} if name in ("sgd_8bit", "paged_sgd_8bit") else {}
+
+
 def _trajectory(tx, params, steps, key):
   @jax.jit
   def run(params):
@@ -240,8 +245,7 @@ def test_ademamix_schedules_match_optax():
 def test_quantize_mask_keeps_exactly_the_selected_leaves_in_float32(name):
   params = {"embed": jnp.ones((512, 64)), "dense": jnp.ones((64, 512)), "bias": jnp.ones(64)}
   keep_fp32 = lambda path, leaf: "embed" not in jax.tree_util.keystr(path)  # noqa: E731
-  tx = op.create(name, 1e-3, quantize_mask=keep_fp32, min_8bit_size=0,
-                 **({"momentum": 0.9} if name in ("sgd_8bit", "paged_sgd_8bit") else {}))
+  tx = op.create(name, 1e-3, quantize_mask=keep_fp32, min_8bit_size=0, **_momentum_kwargs(name))
   state = tx.init(params)
   report = op.memory_report(state, params)
   by_leaf = {}
@@ -253,3 +257,25 @@ def test_quantize_mask_keeps_exactly_the_selected_leaves_in_float32(name):
   assert by_leaf["dense"] == {"uint8"} and by_leaf["bias"] == {"uint8"}
   absmax_paths = [leaf.path for leaf in report.leaves if "absmax" in leaf.path]
   assert absmax_paths and not any("embed" in p for p in absmax_paths)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in registry.names() if n.endswith("_8bit")))
+def test_gradient_of_another_shape_is_a_clear_error(name):
+  # Same size, transposed: blocked element by element it would update the
+  # wrong moments silently.
+  params = {"w": jnp.ones((64, 512)), "b": jnp.ones(64)}
+  tx = op.create(name, 1e-3, **_momentum_kwargs(name))
+  state = tx.init(params)
+  grads = {"w": jnp.ones((512, 64)), "b": jnp.ones(64)}
+  with pytest.raises(ValueError, match=r"\['w'\] has shape \(512, 64\).*\(64, 512\)"):
+    tx.update(grads, state, params)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in registry.names() if n.endswith("_8bit")))
+def test_learning_rate_schedule_is_checked_at_step_0_and_used(name):
+  with pytest.raises(ValueError, match=r"learning_rate \(schedule at step 0\) must be >= 0"):
+    getattr(op, name)(optax.linear_schedule(-1e-3, 0.0, 100), **_momentum_kwargs(name))
+  params = {"w": jnp.ones((64, 512))}
+  tx = op.create(name, optax.linear_schedule(1e-3, 0.0, 100), **_momentum_kwargs(name))
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  assert bool(jnp.all(jnp.isfinite(updates["w"]))) and float(jnp.abs(updates["w"]).max()) > 0

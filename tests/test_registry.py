@@ -189,3 +189,12 @@ def test_create_by_name():
 def test_docstring_examples_run():
   results = doctest.testmod(registry, raise_on_error=False)
   assert results.attempted > 0 and results.failed == 0
+
+
+@pytest.mark.parametrize("name", registry.names())
+@pytest.mark.parametrize("lr", [-1e-3, float("inf"), optax.linear_schedule(-1e-3, 0.0, 10)],
+                         ids=["negative", "inf", "negative-schedule"])
+def test_every_optimizer_rejects_a_bad_learning_rate(name, lr):
+  kwargs = {"momentum": 0.9} if name in ("sgd_8bit", "paged_sgd_8bit") else {}
+  with pytest.raises(ValueError, match="learning_rate"):
+    op.create(name, lr, **kwargs)
