@@ -427,11 +427,13 @@ def _paged_variant(fn, *, elementwise: bool, twin: str):
   """
 
   sig = inspect.signature(fn)
+  # optax's own constructors accept any learning rate; this module's check theirs.
+  unchecked = fn.__module__ != __name__
 
   @functools.wraps(fn)
   def wrapper(*args, policy: OffloadPolicy | None = None, **kwargs):
-    # optax's own constructors accept any learning rate; ours reject negative ones.
-    _check_learning_rate(sig.bind_partial(*args, **kwargs).arguments.get("learning_rate"))
+    if unchecked:
+      _check_learning_rate(sig.bind_partial(*args, **kwargs).arguments.get("learning_rate"))
     return paged(fn(*args, **kwargs), policy, elementwise=elementwise)
 
   policy = inspect.Parameter("policy", inspect.Parameter.KEYWORD_ONLY, default=None,

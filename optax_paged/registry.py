@@ -49,6 +49,8 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "schedule_free_adamw": optax.contrib.schedule_free_adamw,
     "muon": optax.contrib.muon,
 }
+# optax's own constructors do not check their learning rate; create() does.
+_UNCHECKED = frozenset(OPTIMIZERS)
 OPTIMIZERS.update({
     name: getattr(alias, name)
     for name in dir(alias)
@@ -90,7 +92,8 @@ def create(name: str, learning_rate, **kwargs) -> optax.GradientTransformation:
       raise ValueError(
           f"{name} takes no argument(s) {', '.join(unknown)}; accepted: "
           f"{', '.join(p for p in params if p != 'learning_rate')}.")
-  check_hyperparam("learning_rate", learning_rate, 0.0)
+  if name in _UNCHECKED:
+    check_hyperparam("learning_rate", learning_rate, 0.0)
   return ctor(learning_rate, **kwargs)
 
 
