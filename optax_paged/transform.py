@@ -268,7 +268,9 @@ def update_quantized_leaf_xla(
   # so that XLA neither shares one gather between them nor stores its
   # result (measured: benchmarks/RESULTS.md). XLA still copies the old codes
   # before the encode writes them in place: it shares no buffer between a
-  # gather's indices and the fusion's output.
+  # fusion's output and an operand that reaches a gather (the encode's cell
+  # lookup derives from the old codes, however they are decoded), and the
+  # direction reads the old codes with no data dependency on the encodes.
   _, new_for_max = step(grad, codes, absmax, functools.partial(qz.decode_exact, table_copy=1))
   new_absmax = qz.blocks_absmax(new_for_max, qz.padding_mask(shape, block_size))
   direction, _ = step(grad, codes, absmax, functools.partial(qz.decode_exact, table_copy=2))
