@@ -36,8 +36,9 @@ def adam_8bit(
     eps: float = 1e-8,
     eps_root: float = 0.0,
     *,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    nesterov: bool = False,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
     quantize_mask: QuantizeMask = None,
     backend: str = "auto",
 ) -> optax.GradientTransformation:
@@ -49,6 +50,7 @@ def adam_8bit(
     b2: decay of the second moment.
     eps: term added to the denominator outside the square root.
     eps_root: term added to the second moment inside the square root.
+    nesterov: use Nesterov momentum (NAdam), as in ``optax.adam``.
 {extras}
 
   Returns:
@@ -62,7 +64,7 @@ def adam_8bit(
   _check_learning_rate(learning_rate)
   return optax.chain(
       transform.scale_by_adam_8bit(
-          b1, b2, eps, eps_root, **_extras(block_size, min_8bit_size, quantize_mask, backend)),
+          b1, b2, eps, eps_root, nesterov=nesterov, **_extras(block_size, min_8bit_size, quantize_mask, backend)),
       optax.scale_by_learning_rate(learning_rate),
   )
 
@@ -77,8 +79,9 @@ def adamw_8bit(
     weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask=None,
     *,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    nesterov: bool = False,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
     quantize_mask: QuantizeMask = None,
     backend: str = "auto",
 ) -> optax.GradientTransformation:
@@ -90,6 +93,7 @@ def adamw_8bit(
     b2: decay of the second moment.
     eps: term added to the denominator outside the square root.
     eps_root: term added to the second moment inside the square root.
+    nesterov: use Nesterov momentum (NAdam), as in ``optax.adam``.
     weight_decay: decoupled weight decay strength (float or schedule).
     mask: which parameters get weight decay, as in ``optax.adamw``.
 {extras}
@@ -107,7 +111,7 @@ def adamw_8bit(
   check_hyperparam("weight_decay", weight_decay, 0.0)
   return optax.chain(
       transform.scale_by_adam_8bit(
-          b1, b2, eps, eps_root, **_extras(block_size, min_8bit_size, quantize_mask, backend)),
+          b1, b2, eps, eps_root, nesterov=nesterov, **_extras(block_size, min_8bit_size, quantize_mask, backend)),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -121,8 +125,8 @@ def lion_8bit(
     weight_decay: optax.ScalarOrSchedule = 1e-3,
     mask=None,
     *,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
     quantize_mask: QuantizeMask = None,
     backend: str = "auto",
 ) -> optax.GradientTransformation:
@@ -159,8 +163,8 @@ def sgd_8bit(
     momentum: float | None = None,
     nesterov: bool = False,
     *,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
     quantize_mask: QuantizeMask = None,
     backend: str = "auto",
 ) -> optax.GradientTransformation:
@@ -199,8 +203,8 @@ def rmsprop_8bit(
     nesterov: bool = False,
     bias_correction: bool = False,
     *,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
     quantize_mask: QuantizeMask = None,
     backend: str = "auto",
 ) -> optax.GradientTransformation:
@@ -245,8 +249,8 @@ def adagrad_8bit(
     initial_accumulator_value: float = 0.1,
     eps: float = 1e-7,
     *,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
     quantize_mask: QuantizeMask = None,
     backend: str = "auto",
 ) -> optax.GradientTransformation:
@@ -287,8 +291,8 @@ def ademamix_8bit(
     weight_decay: float = 0.0,
     mask=None,
     *,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
     quantize_mask: QuantizeMask = None,
     backend: str = "auto",
 ) -> optax.GradientTransformation:
@@ -332,8 +336,8 @@ def lamb_8bit(
     weight_decay: float = 0.0,
     mask=None,
     *,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
     quantize_mask: QuantizeMask = None,
     backend: str = "auto",
 ) -> optax.GradientTransformation:
@@ -377,8 +381,8 @@ def lars_8bit(
     momentum: float = 0.9,
     nesterov: bool = False,
     *,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
     quantize_mask: QuantizeMask = None,
     backend: str = "auto",
 ) -> optax.GradientTransformation:
@@ -403,6 +407,8 @@ def lars_8bit(
   """
   _check_learning_rate(learning_rate)
   check_hyperparam("weight_decay", weight_decay, 0.0)
+  check_hyperparam("trust_coefficient", trust_coefficient, 0.0)
+  check_hyperparam("eps", eps, 0.0)
   return optax.chain(
       optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
       optax.masked(

@@ -13,9 +13,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from optax_paged.transform import check_hyperparam
 
 
 class PercentileClippingState(NamedTuple):
@@ -43,7 +43,11 @@ def percentile_clipping(percentile: int = 100, history: int = 100) -> optax.Grad
     Dettmers et al., `8-bit Optimizers via Block-wise Quantization
     <https://arxiv.org/abs/2110.02861>`_, 2022 (Section 2.3, percentile clipping).
   """
-  check_hyperparam("percentile_clipping", percentile, 0, 100)
+  if (not isinstance(percentile, (int, np.integer)) or isinstance(percentile, bool)
+      or not 0 <= percentile <= 100):
+    raise ValueError(
+        f"percentile_clipping must be an int in 0..100 (as in bitsandbytes), got {percentile!r}.")
+  percentile = int(percentile)
   if not isinstance(history, int) or history < 1:
     raise ValueError(f"history must be a positive int, got {history!r}.")
 

@@ -397,8 +397,11 @@ def from_config(config, learning_rate=None) -> optax.GradientTransformation:
         "optax-paged always quantizes in blocks of 256 values, which is what makes 8-bit "
         "states as accurate as float32 ones. Remove the field or set it to true.")
   fields.get("block_wise")
-  clip = int(fields.get("percentile_clipping", 100))
+  clip = fields.get("percentile_clipping", 100)
+  if isinstance(clip, float) and clip.is_integer():  # e.g. 90.0 from a YAML file
+    clip = int(clip)
+  clipping = percentile_clipping(clip)  # checks it: an int in 0..100
   if isinstance(learning_rate, (int, float)):
     learning_rate = float(learning_rate)
   tx = LUDWIG_TYPES[type_name](type_name, learning_rate, fields)
-  return optax.chain(percentile_clipping(clip), tx) if clip < 100 else tx
+  return optax.chain(clipping, tx) if clip < 100 else tx

@@ -84,6 +84,37 @@ def adam_rule(
   return direction, (mu, nu)
 
 
+def nadam_hparams(b1, b2, eps, eps_root, count) -> dict:
+  """Scalars of :func:`nadam_rule`: :func:`adam_hparams` and the next step's
+  inverse first-moment bias correction."""
+  hparams = adam_hparams(b1, b2, eps, eps_root, count)
+  hparams["inv_bc1_next"] = _inverse_bias_correction(b1, jnp.asarray(count, jnp.float32) + 1.0)
+  return hparams
+
+
+def nadam_rule(
+    grad: jax.Array, moments: Moments, hparams: Mapping[str, Any]
+) -> tuple[jax.Array, Moments]:
+  """Adam with Nesterov momentum, as ``optax.scale_by_adam(nesterov=True)``.
+
+  The first moment in the direction looks one step ahead:
+  ``b1 * mu / (1 - b1**(t+1)) + (1 - b1) * g / (1 - b1**t)``. The stored
+  moments are Adam's. ``hparams``: as :func:`nadam_hparams`.
+
+  References:
+    Dozat, `Incorporating Nesterov Momentum into Adam
+    <https://openreview.net/pdf?id=OM0jvwB8jIp57ZJjtNEZ>`_, 2016.
+  """
+  mu, nu = moments
+  mu = hparams["b1"] * mu + hparams["one_minus_b1"] * grad
+  nu = hparams["b2"] * nu + hparams["one_minus_b2"] * (grad * grad)
+  mu_hat = (hparams["b1"] * (mu * hparams["inv_bc1_next"])
+            + hparams["one_minus_b1"] * (grad * hparams["inv_bc1"]))
+  nu_hat = nu * hparams["inv_bc2"]
+  direction = mu_hat / (jnp.sqrt(nu_hat + hparams["eps_root"]) + hparams["eps"])
+  return direction, (mu, nu)
+
+
 def _sign(x):
   """``sign(x)`` with compares (TPU kernels lower ``sign`` only on a device)."""
   return jnp.where(x > 0, 1.0, jnp.where(x < 0, -1.0, 0.0))
@@ -224,6 +255,7 @@ class RuleSpec(NamedTuple):
 # Every rule of the library, for tests and kernel export checks.
 RULES: dict[str, RuleSpec] = {
     "adam": RuleSpec(adam_rule, (True, False), lambda c: adam_hparams(0.9, 0.999, 1e-8, 0.0, c)),
+    "nadam": RuleSpec(nadam_rule, (True, False), lambda c: nadam_hparams(0.9, 0.999, 1e-8, 0.0, c)),
     "lion": RuleSpec(lion_rule, (True,), lambda c: lion_hparams(0.9, 0.99)),
     "momentum": RuleSpec(momentum_rule, (True,), lambda c: momentum_hparams(0.9)),
     "nesterov_momentum": RuleSpec(nesterov_momentum_rule, (True,), lambda c: momentum_hparams(0.9)),

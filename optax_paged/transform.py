@@ -134,6 +134,27 @@ def _schedule_start(schedule):
     return None
 
 
+# bitsandbytes' defaults. The public functions take ``None`` for them, so that
+# ``optax.inject_hyperparams`` (which turns every numeric argument, defaults
+# included, into a traced array) leaves them alone: they fix the state's
+# layout and must stay Python ints.
+DEFAULT_BLOCK_SIZE = 256
+DEFAULT_MIN_8BIT_SIZE = 4096
+
+
+def _static_option(name: str, value, default):
+  """``value`` (``default`` for ``None``); refuses arrays with a clear error."""
+  if value is None:
+    return default
+  if isinstance(value, (jax.Array, jax.core.Tracer)):
+    raise TypeError(
+        f"{name} must be a Python int: it fixes the layout of the optimizer "
+        f"state, so it cannot be an array or change during training (got "
+        f"{type(value).__name__}). Under optax.inject_hyperparams, pass "
+        f"static_args=({name!r},).")
+  return value
+
+
 def check_min_8bit_size(min_8bit_size) -> int:
   if (
       not isinstance(min_8bit_size, (int, np.integer))
@@ -172,6 +193,37 @@ def _check_grad_shape(path, grad, moment):
         f"parameter of shape {tuple(jnp.shape(moment))}.")
 
 
+def _check_blocks(path, grad, quantized, absmax, *, block_size):
+  """Raises ``ValueError`` unless an 8-bit leaf's scales fit the gradient's blocks.
+
+  Inside ``shard_map`` a leaf is updated shard by shard; its blocks are those
+  of the whole array only when they lie along the last axis and the shard
+  holds whole blocks of it. Blocks over the flattened array (last axis not a
+  multiple of the block size) could straddle two shards, so they are refused
+  there rather than quantized differently from the same update outside.
+  """
+  if not quantized:
+    return
+  name = jax.tree_util.keystr(path) or "<root>"
+  manual = bool(jax.sharding.get_abstract_mesh().manual_axes)
+  if manual and not qz.blocks_along_last_axis(grad.shape, block_size):
+    raise ValueError(
+        f"Inside shard_map the 8-bit leaf at {name} has a shard of shape "
+        f"{tuple(grad.shape)}, whose last axis is not a multiple of "
+        f"block_size={block_size}: its blocks, taken over the flattened array, "
+        "could straddle shards. Update it outside shard_map (jit with "
+        "shardings), shard it so each shard's last axis is a multiple of the "
+        "block size, or keep it in float32 with quantize_mask.")
+  expected = qz.absmax_shape(grad.shape, block_size)
+  if tuple(jnp.shape(absmax)) != tuple(expected):
+    where = " (inside shard_map: shard the state like its parameter)" if manual else ""
+    raise ValueError(
+        f"The 8-bit state of the leaf at {name} has block scales of shape "
+        f"{tuple(jnp.shape(absmax))}, but a gradient of shape "
+        f"{tuple(grad.shape)} in blocks of {block_size} needs {tuple(expected)}"
+        f"{where}: was the state built with another block_size?")
+
+
 def _quantize_flags(tree, min_8bit_size: int, quantize_mask: QuantizeMask):
   """Pytree of Python bools: which leaves of ``tree`` get 8-bit state."""
   big = jax.tree.map(lambda x: math.prod(x.shape) >= min_8bit_size, tree)
@@ -182,7 +234,10 @@ def _quantize_flags(tree, min_8bit_size: int, quantize_mask: QuantizeMask):
         lambda path, x: bool(quantize_mask(path, x)), tree
     )
   else:
-    chosen = jax.tree.map(lambda _, m: bool(m), tree, quantize_mask)
+    # A prefix of ``tree``: one bool may cover a whole subtree, and subtrees
+    # with no leaves (``optax.masked``'s ``MaskedNode``) take any flag.
+    chosen = jax.tree.map(
+        lambda m, sub: jax.tree.map(lambda _: bool(m), sub), quantize_mask, tree)
   return jax.tree.map(lambda b, c: b and c, big, chosen)
 
 
@@ -292,8 +347,8 @@ def scale_by_rule_8bit(
     hparams_fn: Callable[[jax.Array], Mapping[str, Any]],
     state_cls: type,
     *,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
     quantize_mask: QuantizeMask = None,
     backend: str = "auto",
 ) -> optax.GradientTransformation:
@@ -306,9 +361,12 @@ def scale_by_rule_8bit(
     hparams_fn: maps the new step count (int32, starting at 1) to the rule's
       hyperparameters (``count`` included).
     state_cls: ``NamedTuple`` with fields ``count``, then the moment fields.
-    block_size: elements per quantization block, a power of two in [64, 4096].
-    min_8bit_size: leaves with fewer elements keep float32 state.
-    quantize_mask: optional pytree of bools, or callable
+    block_size: elements per quantization block, a power of two in [64, 4096]
+      (``None``: 256).
+    min_8bit_size: leaves with fewer elements keep float32 state (``None``:
+      4096).
+    quantize_mask: optional pytree of bools (or a prefix of the parameters'
+      tree), or callable
       ``(key_path, leaf) -> bool``; ``False`` leaves keep float32 state.
     backend: ``"auto"`` (Pallas on a single GPU/TPU, XLA elsewhere),
       ``"pallas"`` or ``"xla"``; see :mod:`optax_paged.backend`.
@@ -316,7 +374,7 @@ def scale_by_rule_8bit(
   Returns:
     An ``optax.GradientTransformation``.
   """
-  block_size = qz.check_block_size(block_size)
+  block_size = qz.check_block_size(_static_option("block_size", block_size, DEFAULT_BLOCK_SIZE))
   backend = backend_lib.check_backend(backend)
   guarded = functools.partial(_guarded_rule, rule)
   if getattr(state_cls, "SIGNED", None) != {m.name: m.signed for m in moments}:
@@ -325,7 +383,8 @@ def scale_by_rule_8bit(
         f"({ {m.name: m.signed for m in moments} }): dequantize_state reads it.")
   for m in moments:
     check_hyperparam(f"initial value of {m.name}", m.init, 0.0)
-  min_8bit_size = check_min_8bit_size(min_8bit_size)
+  min_8bit_size = check_min_8bit_size(
+      _static_option("min_8bit_size", min_8bit_size, DEFAULT_MIN_8BIT_SIZE))
   moments = tuple(moments)
   names = [m.name for m in moments]
   signed = tuple(m.signed for m in moments)
@@ -363,13 +422,19 @@ def scale_by_rule_8bit(
     # float32 scalars, as the kernels read them: with Python floats XLA would
     # fold e.g. ``1 - b1`` in float64, and the two backends would round apart.
     hparams = {k: jnp.asarray(v, jnp.float32) for k, v in hparams_fn(count).items()}
-    flags = _quantize_flags(updates, min_8bit_size, quantize_mask)
     moment_trees = [getattr(state, n) for n in names]
     absmax_trees = [getattr(state, n + "_absmax") for n in names]
     k = len(names)
+    jax.tree_util.tree_map_with_path(_check_grad_shape, updates, moment_trees[0])
+    # Which leaves are 8-bit: init decided on the parameters' (global) shapes
+    # and its choice shows in the state (uint8 codes). Deciding again from the
+    # gradients' shapes would go wrong inside shard_map, where a leaf's shard
+    # can be smaller than min_8bit_size.
+    flags = jax.tree.map(lambda _, m: jnp.dtype(m.dtype) == jnp.uint8, updates, moment_trees[0])
+    jax.tree_util.tree_map_with_path(
+        functools.partial(_check_blocks, block_size=block_size), updates, flags, absmax_trees[0])
 
     pallas, interpret = backend_lib.use_pallas(backend)
-    jax.tree_util.tree_map_with_path(_check_grad_shape, updates, moment_trees[0])
 
     def leaf_update(g, flag, *leaf_state):
       mom, scales = leaf_state[:k], leaf_state[k:]
@@ -436,8 +501,9 @@ def scale_by_adam_8bit(
     eps: float = 1e-8,
     eps_root: float = 0.0,
     *,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    nesterov: bool = False,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
     quantize_mask: QuantizeMask = None,
     backend: str = "auto",
 ) -> optax.GradientTransformation:
@@ -452,10 +518,13 @@ def scale_by_adam_8bit(
     b2: decay of the second moment, in [0, 1).
     eps: term added to the denominator outside the square root.
     eps_root: term added to the second moment inside the square root.
-    block_size: elements per quantization block (power of two, 64..4096).
-    min_8bit_size: leaves with fewer elements keep float32 state.
-    quantize_mask: pytree of bools or ``(key_path, leaf) -> bool``; ``False``
-      leaves keep float32 state.
+    nesterov: use Nesterov momentum (NAdam), as ``optax.scale_by_adam``.
+    block_size: elements per quantization block (power of two, 64..4096);
+      ``None`` means 256, bitsandbytes' default.
+    min_8bit_size: leaves with fewer elements keep float32 state; ``None``
+      means 4096, bitsandbytes' default.
+    quantize_mask: pytree of bools (a prefix of the parameters' tree) or
+      ``(key_path, leaf) -> bool``; ``False`` leaves keep float32 state.
     backend: ``"auto"``, ``"pallas"`` or ``"xla"`` (see
       :mod:`optax_paged.backend`).
 
@@ -471,10 +540,12 @@ def scale_by_adam_8bit(
   check_hyperparam("b2", b2, 0.0, 1.0, high_open=True)
   check_hyperparam("eps", eps, 0.0)
   check_hyperparam("eps_root", eps_root, 0.0)
+  rule, hparams = ((rules.nadam_rule, rules.nadam_hparams) if nesterov
+                   else (rules.adam_rule, rules.adam_hparams))
   return scale_by_rule_8bit(
-      rules.adam_rule,
+      rule,
       (MomentSpec("mu", signed=True), MomentSpec("nu", signed=False)),
-      lambda count: rules.adam_hparams(b1, b2, eps, eps_root, count),
+      lambda count: hparams(b1, b2, eps, eps_root, count),
       ScaleByAdam8bitState,
       block_size=block_size,
       min_8bit_size=min_8bit_size,
@@ -537,10 +608,12 @@ class ScaleByAdemamix8bitState(NamedTuple):
 ScaleByAdemamix8bitState.SIGNED = {"m1": True, "m2": True, "nu": False}
 
 
-_EXTRAS_DOC = """    block_size: elements per quantization block (power of two, 64..4096).
-    min_8bit_size: leaves with fewer elements keep float32 state.
-    quantize_mask: pytree of bools or ``(key_path, leaf) -> bool``; ``False``
-      leaves keep float32 state.
+_EXTRAS_DOC = """    block_size: elements per quantization block (power of two, 64..4096);
+      ``None`` means 256, bitsandbytes' default.
+    min_8bit_size: leaves with fewer elements keep float32 state; ``None``
+      means 4096, bitsandbytes' default.
+    quantize_mask: pytree of bools (a prefix of the parameters' tree) or
+      ``(key_path, leaf) -> bool``; ``False`` leaves keep float32 state.
     backend: ``"auto"``, ``"pallas"`` or ``"xla"`` (see
       :mod:`optax_paged.backend`)."""
 
@@ -556,8 +629,8 @@ def scale_by_lion_8bit(
     b1: float = 0.9,
     b2: float = 0.99,
     *,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
     quantize_mask: QuantizeMask = None,
     backend: str = "auto",
 ) -> optax.GradientTransformation:
@@ -590,8 +663,8 @@ def trace_8bit(
     decay: float,
     nesterov: bool = False,
     *,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
     quantize_mask: QuantizeMask = None,
     backend: str = "auto",
 ) -> optax.GradientTransformation:
@@ -627,8 +700,8 @@ def scale_by_rms_8bit(
     eps_in_sqrt: bool = True,
     bias_correction: bool = False,
     *,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
     quantize_mask: QuantizeMask = None,
     backend: str = "auto",
 ) -> optax.GradientTransformation:
@@ -668,8 +741,8 @@ def scale_by_rss_8bit(
     initial_accumulator_value: float = 0.1,
     eps: float = 1e-7,
     *,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
     quantize_mask: QuantizeMask = None,
     backend: str = "auto",
 ) -> optax.GradientTransformation:
@@ -702,12 +775,12 @@ def scale_by_ademamix_8bit(
     b1: float = 0.9,
     b2: float = 0.999,
     b3: optax.ScalarOrSchedule = 0.9999,
-    alpha: optax.ScalarOrSchedule = 5.0,
+    alpha: optax.ScalarOrSchedule = 6.0,
     eps: float = 1e-8,
     eps_root: float = 0.0,
     *,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
     quantize_mask: QuantizeMask = None,
     backend: str = "auto",
 ) -> optax.GradientTransformation:
@@ -732,7 +805,9 @@ def scale_by_ademamix_8bit(
   check_hyperparam("b1", b1, 0.0, 1.0, high_open=True)
   check_hyperparam("b2", b2, 0.0, 1.0, high_open=True)
   check_hyperparam("b3", b3, 0.0, 1.0, high_open=True)
+  check_hyperparam("alpha", alpha, 0.0)
   check_hyperparam("eps", eps, 0.0)
+  check_hyperparam("eps_root", eps_root, 0.0)
   return scale_by_rule_8bit(
       rules.ademamix_rule,
       (MomentSpec("m1", signed=True), MomentSpec("m2", signed=True), MomentSpec("nu", signed=False)),

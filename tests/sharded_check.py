@@ -120,6 +120,41 @@ def check_paged(axis_type):
   return report
 
 
+def check_shard_map():
+  """``tx.update`` inside ``shard_map`` against the same update outside it.
+
+  The leaf is 8-bit (16384 elements) but each of its 8 row shards holds 2048,
+  below ``min_8bit_size``: the update must still treat it as 8-bit. A leaf
+  whose blocks run over the flattened array (last axis 128 < 256) must be
+  refused inside ``shard_map``, since its blocks could straddle shards.
+  """
+  mesh = jax.make_mesh((8,), ("d",), axis_types=(AxisType.Auto,))
+  tx = op.adamw_8bit(1e-3)
+  report = {}
+  for name, shape in (("whole_blocks", (16, 1024)), ("flat_blocks", (64, 128))):
+    params = jax.random.normal(jax.random.PRNGKey(0), shape)
+    grads = jax.random.normal(jax.random.PRNGKey(1), shape)
+    state = tx.init(params)
+    state_spec = jax.tree.map(lambda x: P("d") if x.ndim else P(), state)
+    inside = jax.jit(jax.shard_map(
+        tx.update, mesh=mesh, in_specs=(P("d"), state_spec, P("d")),
+        out_specs=(P("d"), state_spec)))
+    try:
+      u, s = inside(grads, state, params)
+    except ValueError as e:
+      report[name] = {"error": str(e)}
+      continue
+    u0, s0 = jax.jit(tx.update)(grads, state, params)
+    codes = [(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(s0))
+             if a.dtype == np.uint8]
+    report[name] = {
+        "codes_dtype_kept": bool(codes) and len(codes) == 2,
+        "rel_diff": float(jnp.max(jnp.abs(u - u0)) / jnp.max(jnp.abs(u0))),
+        "codes_differing": float(np.mean([np.mean(a != b) for a, b in codes])) if codes else 1.0,
+    }
+  return report
+
+
 def main():
   assert len(jax.devices()) == 8, jax.devices()
   print(json.dumps({
@@ -127,6 +162,7 @@ def main():
       "auto": check(AxisType.Auto),
       "paged_explicit": check_paged(AxisType.Explicit),
       "paged_auto": check_paged(AxisType.Auto),
+      "shard_map": check_shard_map(),
   }))
 
 

@@ -215,6 +215,18 @@ def test_inject_hyperparams_and_schedules():
   s_inj.hyperparams["learning_rate"] = jnp.asarray(0.0)
   u_zero, _ = step_inj(grads, s_inj, params)
   assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(u_zero))
+  # With the defaults no static_args are needed (inject_hyperparams turns
+  # every numeric argument, defaults included, into an array).
+  for name, kwargs in (("adam_8bit", {}), ("adamw_8bit", {}), ("lion_8bit", {}),
+                       ("ademamix_8bit", {}), ("sgd_8bit", {"momentum": 0.9})):
+    tx = optax.inject_hyperparams(getattr(op, name))(learning_rate=1e-2, **kwargs)
+    state = tx.init(params)
+    assert any(x.dtype == jnp.uint8 for x in jax.tree.leaves(state.inner_state)), name
+    jax.jit(tx.update)(grads, state, params)
+  # A block size set under it without static_args: a clear error, not a crash
+  # deep inside (it fixes the state's layout, so it cannot be traced).
+  with pytest.raises(TypeError, match=r"static_args=\('block_size',\)"):
+    optax.inject_hyperparams(op.adamw_8bit)(learning_rate=1e-2, block_size=128).init(params)
   # A schedule as learning rate.
   sched = optax.linear_schedule(1e-2, 0.0, 4)
   tx = op.adam_8bit(sched, min_8bit_size=1000)
@@ -239,6 +251,31 @@ def test_quantize_mask_and_min_8bit_size_pick_leaves():
   assert s.mu["dense"]["bias"].dtype == jnp.float32  # below min_8bit_size
   u, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
   assert jax.tree.structure(u) == jax.tree.structure(params)
+
+
+def test_quantize_mask_as_a_prefix_under_masked_and_partition():
+  """A pytree quantize_mask may be a prefix of the parameters' tree, and works
+  under optax.masked / optax.partition, whose inner trees hold MaskedNodes."""
+  k = jax.random.split(jax.random.PRNGKey(0), 4)
+  params = {"w": jax.random.normal(k[0], (64, 128)), "step": jnp.zeros((), jnp.int32),
+            "emb": {"a": jax.random.normal(k[1], (64, 128)), "b": jax.random.normal(k[2], (64, 128))}}
+  grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.1 if p.dtype == jnp.float32 else p, params)
+  which = {"w": True, "step": False, "emb": True}
+  inner = op.adamw_8bit(1e-2, min_8bit_size=0, quantize_mask={"w": True, "step": False, "emb": False})
+  tx = optax.masked(inner, which)
+  state = tx.init(params)
+  mu = state.inner_state[0].mu
+  assert mu["w"].dtype == jnp.uint8
+  assert mu["emb"]["a"].dtype == jnp.float32 and mu["emb"]["b"].dtype == jnp.float32
+  updates, _ = jax.jit(tx.update)(grads, state, params)
+  twin, _ = optax.masked(optax.adamw(1e-2), which).update(
+      grads, optax.masked(optax.adamw(1e-2), which).init(params), params)
+  chex.assert_trees_all_close(updates["emb"], twin["emb"], rtol=1e-6)  # float32 state: exact math
+  assert updates["step"].dtype == jnp.int32  # masked out: passed through untouched
+  tx = optax.partition({"opt": inner, "frozen": optax.set_to_zero()},
+                       {"w": "opt", "step": "frozen", "emb": "opt"})
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  chex.assert_trees_all_close(updates["emb"], twin["emb"], rtol=1e-6)
 
 
 @pytest.mark.parametrize(

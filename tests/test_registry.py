@@ -175,6 +175,14 @@ def test_percentile_clipping_in_configs_and_alone():
   np.testing.assert_allclose(seen, expected, rtol=1e-5)
   u, _ = op.percentile_clipping(100).update({"w": jnp.full(3, 7.0)}, op.percentile_clipping(100).init(params))
   np.testing.assert_array_equal(np.asarray(u["w"]), 7.0)
+  # A fractional or out-of-range percentile: refused when built (it used to
+  # fail at the first update with an indexing error).
+  for bad in (95.5, -1, 101, True, "90"):
+    with pytest.raises(ValueError, match="percentile_clipping must be an int in 0..100"):
+      op.percentile_clipping(bad)
+  with pytest.raises(ValueError, match="percentile_clipping must be an int"):
+    op.from_config({"type": "adam_8bit", "percentile_clipping": 95.5}, 1e-3)
+  op.from_config({"type": "adam_8bit", "percentile_clipping": 90.0}, 1e-3)  # YAML's 90.0 is 90
 
 
 def test_create_by_name():

@@ -82,3 +82,17 @@ def test_paged_state_keeps_partition_specs_on_host_and_device(report, axes):
   assert r["init"] == {"specs": True, "kinds": True}
   assert r["step"] == {"specs": True, "kinds": True}
   assert r["equal_to_unpaged"]
+
+
+def test_update_inside_shard_map_follows_the_state_not_the_shard_shape(report):
+  # Each shard (2 x 1024) is below min_8bit_size; before the fix the update
+  # took the uint8 codes for float32 moments and returned updates ~1e4.
+  r = report["shard_map"]["whole_blocks"]
+  assert r["codes_dtype_kept"], r
+  assert r["rel_diff"] < 1e-6, r
+  assert r["codes_differing"] < 1e-3, r
+
+
+def test_blocks_over_the_flattened_array_are_refused_inside_shard_map(report):
+  error = report["shard_map"]["flat_blocks"].get("error", "")
+  assert "shard_map" in error and "block_size=256" in error, report["shard_map"]
