@@ -121,11 +121,42 @@ def dequantize_state(state, tx=None, params=None):
     The float32 state (in device memory).
   """
   floats = _zip(state, state, lambda t, s: _float_form(s), lambda t, s: _is_8bit_state(s))
+  floats = jax.tree.map(_device, floats)  # paged leaves (the count too) included
   if tx is None:
     return floats
   template = jax.eval_shape(tx.init, params if params is not None else _params_like(state))
-  return _zip(template, floats, _copy_fields,
-              lambda t, s: _is_8bit_state(s) and hasattr(t, "_fields"))
+  copied = []
+
+  def copy(t, s):
+    copied.append(type(s).__name__)
+    return _copy_fields(t, s)
+
+  out = _zip(template, floats, copy, lambda t, s: _is_8bit_state(s) and hasattr(t, "_fields"))
+  _check_all_converted(len(copied), _count_nodes(state, _is_8bit_state), "8-bit state", "tx's state",
+                       "The state holds no 8-bit optimizer state to dequantize.")
+  return out
+
+
+def _count_nodes(tree, predicate) -> int:
+  """How many containers of ``tree`` (NamedTuples, tuples, lists, dicts) satisfy ``predicate``."""
+  if predicate(tree):
+    return 1
+  if isinstance(tree, (tuple, list)):
+    return sum(_count_nodes(x, predicate) for x in tree)
+  if isinstance(tree, dict):
+    return sum(_count_nodes(x, predicate) for x in tree.values())
+  return 0
+
+
+def _check_all_converted(done: int, expected: int, source: str, target: str, empty: str):
+  """Raises unless every 8-bit state node found its counterpart."""
+  if expected == 0:
+    raise ValueError(empty)
+  if done != expected:
+    raise ValueError(
+        f"The {source}'s structure does not match {target}: {done} of {expected} 8-bit "
+        "state nodes were matched (chains must line up element by element, e.g. "
+        "optax.chain(clip, optax.adamw(...)) with optax.chain(clip, adamw_8bit(...))).")
 
 
 def _count(node):
@@ -168,8 +199,12 @@ def quantize_state(fp32_state, tx, params=None):
     and step count.
   """
   template = jax.eval_shape(tx.init, params if params is not None else _params_like(fp32_state))
+  encoded = []
 
   def encode(t_node, s_node):
+    if not (isinstance(s_node, tuple) and hasattr(s_node, "_fields")):
+      raise ValueError(f"{type(t_node).__name__} lines up with a {type(s_node).__name__} in the "
+                       "float32 state, not with an optimizer state.")
     values = {"count": _count(s_node)}
     for name, signed in t_node.SIGNED.items():
       if name not in s_node._fields:
@@ -177,16 +212,32 @@ def quantize_state(fp32_state, tx, params=None):
       src = getattr(s_node, name)
       t_absmax = getattr(t_node, name + "_absmax")
 
-      def one(x, a, signed=signed):
+      def one(path, x, t, a, name=name, signed=signed):
+        where = f"{type(s_node).__name__}.{name}{jax.tree_util.keystr(path)}"
+        if tuple(jnp.shape(x)) != tuple(t.shape):
+          raise ValueError(f"{where} has shape {tuple(jnp.shape(x))}, but {type(t_node).__name__} "
+                           f"expects {tuple(t.shape)} (the parameter's).")
         x = jnp.asarray(_device(x), jnp.float32)
+        if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
+          raise ValueError(f"{where} holds NaN or infinite values: quantizing would hide them "
+                           "(NaN -> 0, inf -> the block's largest code).")
         if a is None:
           return x, None
-        q = qz.quantize_blockwise(x, signed=signed, block_size=infer_block_size(x.shape, a.shape))
+        # As the optimizer stores moments: a nonzero value never gets the zero
+        # code (a positive second moment stored as 0 would blow up m / sqrt(v)).
+        q = qz.quantize_blockwise(x, signed=signed, block_size=infer_block_size(x.shape, a.shape),
+                                  keep_nonzero=True)
         return q.codes, q.absmax
 
-      pairs = jax.tree.map(one, src, t_absmax, is_leaf=lambda v: v is None)
+      pairs = jax.tree_util.tree_map_with_path(
+          one, src, getattr(t_node, name), t_absmax, is_leaf=lambda v: v is None)
       values[name] = jax.tree.map(lambda _, p: p[0], src, pairs)
       values[name + "_absmax"] = jax.tree.map(lambda _, p: p[1], src, pairs)
+    encoded.append(type(t_node).__name__)
     return type(t_node)(**values)
 
-  return _zip(template, fp32_state, encode, lambda t, s: _is_8bit_state(t))
+  out = _zip(template, fp32_state, encode, lambda t, s: _is_8bit_state(t))
+  _check_all_converted(len(encoded), _count_nodes(template, _is_8bit_state), "float32 state", "tx's state",
+                       "tx has no 8-bit optimizer state: pass an optax_paged 8-bit "
+                       "transformation (e.g. adamw_8bit(...)).")
+  return out

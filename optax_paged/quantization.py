@@ -425,7 +425,7 @@ def encode_normalized(y: jax.Array, signed: bool, keep_nonzero: bool = False) ->
 
 
 def quantize_blockwise(
-    x: jax.Array, *, signed: bool = True, block_size: int = 256
+    x: jax.Array, *, signed: bool = True, block_size: int = 256, keep_nonzero: bool = False
 ) -> QuantizedArray:
   """Quantizes ``x`` to 8-bit dynamic-tree codes with one scale per block.
 
@@ -434,6 +434,10 @@ def quantize_blockwise(
     signed: use the signed map (values in ``[-absmax, absmax]``) or the
       unsigned one (non-negative values; negatives encode to zero).
     block_size: elements per block, a power of two in [64, 4096].
+    keep_nonzero: if True, a nonzero value never gets the zero code but the
+      smallest code of its sign, as the optimizers store their moments (see
+      :func:`encode`). False (the default) is bitsandbytes'
+      ``quantize_blockwise``.
 
   Returns:
     A ``QuantizedArray``: ``codes`` (``uint8``, ``x.shape``) and ``absmax``
@@ -446,16 +450,16 @@ def quantize_blockwise(
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"quantize_blockwise needs a floating array, got {x.dtype}.")
-  return _quantize(x, bool(signed), block_size)
+  return _quantize(x, bool(signed), block_size, bool(keep_nonzero))
 
 
 # Jitted so that eager calls compile once per shape instead of once per op.
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _quantize(x, signed, block_size):
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _quantize(x, signed, block_size, keep_nonzero=False):
   xb = to_blocks(x.astype(jnp.float32), block_size)
   absmax = block_absmax(xb)
   xb = jnp.where(jnp.isnan(xb), 0.0, xb)
-  codes = encode(xb, absmax, signed)
+  codes = encode(xb, absmax, signed, keep_nonzero=keep_nonzero)
   return QuantizedArray(from_blocks(codes, x.shape), absmax)
 
 
