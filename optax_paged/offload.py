@@ -299,7 +299,9 @@ def paged(
   def _update(updates, state, params=None, **extra_args):
     where = placement(state, policy, budget)
     if elementwise and (policy.page_bytes is not None or policy.prefetch is not None):
-      updates, new_state = _split_update(
+      split = _split_update_of_a_leaf if jax.tree_util.treedef_is_leaf(
+          jax.tree.structure(updates)) else _split_update
+      updates, new_state = split(
           tx, updates, state, params, extra_args, where, policy.page_bytes, policy.prefetch
       )
     else:
@@ -494,6 +496,25 @@ def _fit_pages(j, total_rows, rows, owned, full_paths, template):
     if all(num_full * a + b == full_paths[k].shape[0] for k, a, b in zip(owned, page_len, last_len)):
       return _PagePlan(j, r, num_full, last_rows, owned, page_len, last_len)
   return None
+
+
+def _split_update_of_a_leaf(tx, update, state, param, extra_args, where, page_bytes, prefetch):
+  """:func:`_split_update` for parameters that are one bare array.
+
+  A pruned tree of a bare leaf is ``None``, which optax reads as "no params"
+  (``add_decayed_weights`` then refuses). So the update runs on the one-entry
+  dict ``{"param": leaf}``, whose state has the same leaves in the same order
+  under other paths.
+  """
+  wrapped = jax.eval_shape(tx.init, {"param": _sds(update)})
+  s_leaves, s_def = jax.tree.flatten(state)
+  w_def = jax.tree.structure(wrapped)
+  if w_def.num_leaves != len(s_leaves):  # a state that is not per-parameter
+    return _whole_update(tx, update, state, param, extra_args)
+  new_u, new_s = _split_update(
+      tx, {"param": update}, jax.tree.unflatten(w_def, s_leaves),
+      None if param is None else {"param": param}, extra_args, where, page_bytes, prefetch)
+  return new_u["param"], jax.tree.unflatten(s_def, jax.tree.leaves(new_s))
 
 
 def _split_update(tx, updates, state, params, extra_args, where, page_bytes, prefetch):

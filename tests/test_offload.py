@@ -169,6 +169,47 @@ def test_ordered_paging_equals_unpaged(name, prefetch):
     chex.assert_trees_all_close(plain, paged, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("name", [n for n in op.registry.names() if n.startswith("paged_")])
+def test_every_paged_name_offloads_and_trains_like_its_unpaged_form(name):
+  """Each paged_<name> really pages (state on pinned_host) and equals <name>."""
+  kwargs = {"momentum": 0.9} if "sgd" in name else {}
+  paged = op.create(name, 1e-3, policy=SMALL, **kwargs)
+  plain = op.create(name[len("paged_"):], 1e-3, **kwargs)
+  assert "pinned_host" in _kinds(paged.init(_params()))
+  state = _steps_side_by_side(paged, plain, _params(), rtol=1e-5, atol=1e-9)
+  assert _kinds(state) == _expected_kinds(state, SMALL)
+
+
+def _steps_side_by_side(paged, plain, params, steps=3, **tolerance):
+  """Jitted steps of both on the same gradients; each step's updates must agree.
+
+  Returns the paged state after the last step.
+  """
+  s_a, s_b = paged.init(params), plain.init(params)
+  step_a, step_b = jax.jit(paged.update), jax.jit(plain.update)
+  for i in range(steps):
+    g = _grads(params, i)
+    u_a, s_a = step_a(g, s_a, params)
+    u_b, s_b = step_b(g, s_b, params)
+    chex.assert_trees_all_close(u_a, u_b, **tolerance)
+    params = optax.apply_updates(params, u_b)
+  return s_a
+
+
+@pytest.mark.parametrize("name, policy", [
+    ("paged_adamw", op.OffloadPolicy(min_size=1000)),  # default prefetch: one parameter at a time
+    ("paged_adamw_8bit", op.OffloadPolicy(min_size=1000)),
+    ("paged_adamw_8bit", op.OffloadPolicy(min_size=1000, page_bytes=64 * 1024)),  # streamed
+])
+def test_params_that_are_one_bare_array(name, policy):
+  """A bare array as the whole parameter tree: its pruned tree is None, which
+  optax.add_decayed_weights took for "no params" (a ValueError at update)."""
+  w = jax.random.normal(jax.random.PRNGKey(0), (512, 1024))
+  plain = {"paged_adamw": optax.adamw, "paged_adamw_8bit": op.adamw_8bit}[name](1e-3)
+  state = _steps_side_by_side(PAGED[name](policy), plain, w, rtol=1e-6, atol=1e-10)
+  assert "pinned_host" in _kinds(state)
+
+
 @pytest.mark.parametrize("prefetch, chained", [(None, 0), (0, 3), (1, 2), (3, 0)])
 def test_prefetch_orders_the_transfers(prefetch, chained):
   """Each parameter's state waits for the new state of the parameter
