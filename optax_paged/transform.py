@@ -13,8 +13,11 @@ State layout: a ``NamedTuple`` with ``count`` and, for each moment ``name``,
 two trees with the parameters' structure: ``name`` (``uint8`` codes for 8-bit
 leaves, float32 moments otherwise) and ``name_absmax`` (float32 block scales
 for 8-bit leaves, ``None`` otherwise). All leaves are plain arrays, so the
-state survives ``flax.nnx.Optimizer``, Orbax and sharding untouched; which
-leaves are 8-bit is decided from shapes, never from the state's types.
+state survives ``flax.nnx.Optimizer``, Orbax and sharding untouched (no
+node types or static fields to lose). ``init`` decides which leaves are 8-bit
+from the parameters' (global) shapes; ``update`` follows that choice as it
+shows in the state's arrays (``uint8`` codes), so it holds inside
+``shard_map``, where a leaf's shard may be smaller than ``min_8bit_size``.
 
 Non-finite values: if an element's gradient, or one of its updated moments,
 is not finite, that element keeps its previous moments (re-encoded with the
@@ -196,24 +199,30 @@ def _check_grad_shape(path, grad, moment):
 def _check_blocks(path, grad, quantized, absmax, *, block_size):
   """Raises ``ValueError`` unless an 8-bit leaf's scales fit the gradient's blocks.
 
-  Inside ``shard_map`` a leaf is updated shard by shard; its blocks are those
-  of the whole array only when they lie along the last axis and the shard
-  holds whole blocks of it. Blocks over the flattened array (last axis not a
-  multiple of the block size) could straddle two shards, so they are refused
-  there rather than quantized differently from the same update outside.
+  Inside ``shard_map`` a sharded leaf is updated shard by shard; its blocks
+  are those of the whole array only when they lie along the last axis and
+  each shard holds whole blocks of it. Blocks over the flattened array (last
+  axis not a multiple of the block size) could straddle two shards, so a
+  sharded leaf with them is refused rather than quantized differently from
+  the same update outside. Replicated leaves (``P()``, ``pmap``'s data
+  parallelism) are whole arrays and always fine. Whether a leaf is sharded
+  is read from its varying manual axes, which ``shard_map(check_vma=False)``
+  does not track: there, shard such leaves only along their first axis.
   """
   if not quantized:
     return
   name = jax.tree_util.keystr(path) or "<root>"
   manual = bool(jax.sharding.get_abstract_mesh().manual_axes)
-  if manual and not qz.blocks_along_last_axis(grad.shape, block_size):
+  varying = manual and bool(
+      getattr(getattr(jax.typeof(absmax), "manual_axis_type", None), "varying", ()))
+  if varying and not qz.blocks_along_last_axis(grad.shape, block_size):
     raise ValueError(
-        f"Inside shard_map the 8-bit leaf at {name} has a shard of shape "
-        f"{tuple(grad.shape)}, whose last axis is not a multiple of "
+        f"Inside shard_map the 8-bit leaf at {name} is sharded, with a shard of "
+        f"shape {tuple(grad.shape)} whose last axis is not a multiple of "
         f"block_size={block_size}: its blocks, taken over the flattened array, "
         "could straddle shards. Update it outside shard_map (jit with "
-        "shardings), shard it so each shard's last axis is a multiple of the "
-        "block size, or keep it in float32 with quantize_mask.")
+        "shardings), replicate it, shard it so each shard's last axis is a "
+        "multiple of the block size, or keep it in float32 with quantize_mask.")
   expected = qz.absmax_shape(grad.shape, block_size)
   if tuple(jnp.shape(absmax)) != tuple(expected):
     where = " (inside shard_map: shard the state like its parameter)" if manual else ""

@@ -152,6 +152,22 @@ def check_shard_map():
         "rel_diff": float(jnp.max(jnp.abs(u - u0)) / jnp.max(jnp.abs(u0))),
         "codes_differing": float(np.mean([np.mean(a != b) for a, b in codes])) if codes else 1.0,
     }
+  # Replicated leaves are whole arrays in every program: flattened blocks are
+  # fine there (data parallelism with shard_map's P() or with pmap).
+  params = jax.random.normal(jax.random.PRNGKey(0), (64, 128))
+  grads = jax.random.normal(jax.random.PRNGKey(1), (64, 128))
+  state = tx.init(params)
+  u0, s0 = jax.jit(tx.update)(grads, state, params)
+  rep = jax.jit(jax.shard_map(tx.update, mesh=mesh, in_specs=(P(), P(), P()), out_specs=(P(), P())))
+  u1, s1 = rep(grads, state, params)
+  stack = lambda t: jax.tree.map(lambda x: jnp.stack([x] * 8), t)  # noqa: E731
+  u2, s2 = jax.pmap(tx.update)(stack(grads), stack(state), stack(params))
+  report["replicated_flat_blocks"] = {
+      "shard_map_equal": all(np.array_equal(a, b) for a, b in zip(
+          jax.tree.leaves((u0, s0)), jax.tree.leaves((u1, s1)))),
+      "pmap_equal": all(np.array_equal(np.asarray(a), np.asarray(b)[3]) for a, b in zip(
+          jax.tree.leaves((u0, s0)), jax.tree.leaves((u2, s2)))),
+  }
   return report
 
 

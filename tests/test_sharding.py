@@ -96,3 +96,7 @@ def test_update_inside_shard_map_follows_the_state_not_the_shard_shape(report):
 def test_blocks_over_the_flattened_array_are_refused_inside_shard_map(report):
   error = report["shard_map"]["flat_blocks"].get("error", "")
   assert "shard_map" in error and "block_size=256" in error, report["shard_map"]
+
+
+def test_replicated_leaves_with_flattened_blocks_work_under_shard_map_and_pmap(report):
+  assert report["shard_map"]["replicated_flat_blocks"] == {"shard_map_equal": True, "pmap_equal": True}
