@@ -299,8 +299,9 @@ def paged(
   def _update(updates, state, params=None, **extra_args):
     where = placement(state, policy, budget)
     if elementwise and (policy.page_bytes is not None or policy.prefetch is not None):
-      split = _split_update_of_a_leaf if jax.tree_util.treedef_is_leaf(
-          jax.tree.structure(updates)) else _split_update
+      tree = jax.tree.structure(updates)
+      bare = jax.tree_util.treedef_is_leaf(tree) and tree.num_leaves == 1  # not None
+      split = _split_update_of_a_leaf if bare else _split_update
       updates, new_state = split(
           tx, updates, state, params, extra_args, where, policy.page_bytes, policy.prefetch
       )
