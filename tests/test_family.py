@@ -60,7 +60,9 @@ def test_float32_form_is_the_optax_twin(name):
   chex.assert_trees_all_close(a, b, rtol=2e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", sorted(FAMILY))
+# adamw_nesterov stores adamw's moments with the same codec (its direction is
+# checked by test_float32_form_is_the_optax_twin): 16 s of protocol saved.
+@pytest.mark.parametrize("name", sorted(set(FAMILY) - {"adamw_nesterov"}))
 def test_bitsandbytes_protocol(name):
   """bitsandbytes' test_optimizer8bit: 50 steps, params and state re-synced every step.
 

@@ -169,9 +169,11 @@ def test_ordered_paging_equals_unpaged(name, prefetch):
     chex.assert_trees_all_close(plain, paged, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", [n for n in op.registry.names() if n.startswith("paged_")])
+@pytest.mark.parametrize("name", [n for n in op.registry.names()
+                                  if n.startswith("paged_") and n not in PAGED and n not in ORDERED])
 def test_every_paged_name_offloads_and_trains_like_its_unpaged_form(name):
-  """Each paged_<name> really pages (state on pinned_host) and equals <name>."""
+  """Each paged_<name> really pages (state on pinned_host) and equals <name>
+  (the ones in PAGED and ORDERED are checked more closely above)."""
   kwargs = {"momentum": 0.9} if "sgd" in name else {}
   paged = op.create(name, 1e-3, policy=SMALL, **kwargs)
   plain = op.create(name[len("paged_"):], 1e-3, **kwargs)
