@@ -75,13 +75,22 @@ def adam_rule(
     Kingma & Ba, `Adam: A Method for Stochastic Optimization
     <https://arxiv.org/abs/1412.6980>`_, 2014.
   """
+  mu, nu = _adam_moments(grad, moments, hparams)
+  return _adam_direction(mu * hparams["inv_bc1"], nu, hparams), (mu, nu)
+
+
+def _adam_moments(grad, moments, hparams):
+  """Adam's (and NAdam's) new first and second moments."""
   mu, nu = moments
   mu = hparams["b1"] * mu + hparams["one_minus_b1"] * grad
   nu = hparams["b2"] * nu + hparams["one_minus_b2"] * (grad * grad)
-  mu_hat = mu * hparams["inv_bc1"]
+  return mu, nu
+
+
+def _adam_direction(mu_hat, nu, hparams):
+  """``mu_hat / (sqrt(nu_hat + eps_root) + eps)`` with the bias-corrected ``nu``."""
   nu_hat = nu * hparams["inv_bc2"]
-  direction = mu_hat / (jnp.sqrt(nu_hat + hparams["eps_root"]) + hparams["eps"])
-  return direction, (mu, nu)
+  return mu_hat / (jnp.sqrt(nu_hat + hparams["eps_root"]) + hparams["eps"])
 
 
 def nadam_hparams(b1, b2, eps, eps_root, count) -> dict:
@@ -105,14 +114,10 @@ def nadam_rule(
     Dozat, `Incorporating Nesterov Momentum into Adam
     <https://openreview.net/pdf?id=OM0jvwB8jIp57ZJjtNEZ>`_, 2016.
   """
-  mu, nu = moments
-  mu = hparams["b1"] * mu + hparams["one_minus_b1"] * grad
-  nu = hparams["b2"] * nu + hparams["one_minus_b2"] * (grad * grad)
+  mu, nu = _adam_moments(grad, moments, hparams)
   mu_hat = (hparams["b1"] * (mu * hparams["inv_bc1_next"])
             + hparams["one_minus_b1"] * (grad * hparams["inv_bc1"]))
-  nu_hat = nu * hparams["inv_bc2"]
-  direction = mu_hat / (jnp.sqrt(nu_hat + hparams["eps_root"]) + hparams["eps"])
-  return direction, (mu, nu)
+  return _adam_direction(mu_hat, nu, hparams), (mu, nu)
 
 
 def _sign(x):
