@@ -30,22 +30,16 @@ def _parabola(dtype):
   return init, final, lambda x: jnp.sum((x - final) ** 2)
 
 
-def _rosenbrock(dtype):
-  a, b = 1.0, 100.0
-  init = jnp.array([0.0, 0.0], dtype)
-  final = jnp.array([a, a**2], dtype)
-  return init, final, lambda x: (a - x[0]) ** 2 + b * (x[1] - x[0] ** 2) ** 2
-
-
 @pytest.mark.parametrize("name", ["adam", "adamw"])
-@pytest.mark.parametrize("problem, dtype", [(_parabola, jnp.bfloat16)])
-def test_converges_with_bfloat16_params(name, problem, dtype):
-  """optax's alias convergence test in bfloat16 (float32: tests/test_family.py).
+def test_converges_with_bfloat16_params(name):
+  """optax's alias convergence test (the parabola) in bfloat16 (float32:
+  tests/test_family.py, Rosenbrock included).
 
-  Rosenbrock is float32 only: in bfloat16 parameters optax's own Adam stalls
-  at (0.977, 0.949) and every variant wanders in the valley at bf16 resolution.
+  No Rosenbrock here: in bfloat16 parameters optax's own Adam stalls at
+  (0.977, 0.949) and every variant wanders in the valley at bf16 resolution.
   """
-  init, final, loss = problem(dtype)
+  dtype = jnp.bfloat16
+  init, final, loss = _parabola(dtype)
   tx = PAIRS[name][0](1e-1, min_8bit_size=0, block_size=64)
   state = tx.init(init)
   assert state[0].mu.dtype == jnp.uint8
@@ -61,8 +55,7 @@ def test_converges_with_bfloat16_params(name, problem, dtype):
 
   params, _ = run(init, state)
   assert params.dtype == dtype
-  tol = 3e-2 if dtype == jnp.float32 else 1e-1
-  chex.assert_trees_all_close(params.astype(jnp.float32), final.astype(jnp.float32), rtol=tol, atol=tol)
+  chex.assert_trees_all_close(params.astype(jnp.float32), final.astype(jnp.float32), rtol=1e-1, atol=1e-1)
 
 
 def _tree_params(dtype=jnp.float32):
@@ -87,15 +80,21 @@ def test_dtypes_math_in_float32_updates_in_param_dtype(dtype):
   assert s.mu["dense"]["bias"].dtype == jnp.float32 and s.mu_absmax["dense"]["bias"] is None
   assert s.mu_absmax["dense"]["kernel"].shape == (64, 2)
   assert s.mu_absmax["odd"].shape == (31,)
-  # Against optax in float32 on the same low-precision inputs.
-  ref_u, _ = optax.adamw(1e-3).update(
-      jax.tree.map(lambda g: g.astype(jnp.float32), grads),
-      optax.adamw(1e-3).init(jax.tree.map(lambda p: p.astype(jnp.float32), params)),
-      jax.tree.map(lambda p: p.astype(jnp.float32), params),
-  )
-  chex.assert_trees_all_close(
-      jax.tree.map(lambda u: u.astype(jnp.float32), updates), ref_u, rtol=1e-2, atol=1e-5
-  )
+  # Against optax in float32 on the same low-precision inputs, over steps with
+  # fresh random gradients (Adam's first step is sign(g) whatever the betas
+  # and bias corrections, so one constant-gradient step would prove nothing).
+  as32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)  # noqa: E731
+  ref = optax.adamw(1e-3)
+  state, ref_state = tx.init(params), ref.init(as32(params))
+  for i in range(4):
+    grads = jax.tree.map(
+        lambda p, k=jax.random.PRNGKey(i): (jax.random.normal(k, p.shape) * 0.1).astype(dtype), params)
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    ref_u, ref_state = ref.update(as32(grads), ref_state, as32(params))
+    for u, r in zip(jax.tree.leaves(as32(updates)), jax.tree.leaves(ref_u)):
+      # 8-bit moments: ~1% error per element; a wrong beta or bias correction
+      # is off by tens of percent from step 2 on.
+      assert float(jnp.linalg.norm(u - r) / jnp.linalg.norm(r)) < 0.03, (dtype, i)
 
 
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint8, jnp.complex64])
