@@ -168,12 +168,23 @@ def _count(node):
   return jnp.asarray(node.count if "count" in node._fields else 0, jnp.int32)
 
 
+def _like(template_leaf, value):
+  """``value`` in ``template_leaf``'s dtype when both are floating arrays."""
+  dtype = getattr(template_leaf, "dtype", None)
+  if (dtype is not None and hasattr(value, "dtype") and value.dtype != dtype
+      and jnp.issubdtype(dtype, jnp.floating) and jnp.issubdtype(value.dtype, jnp.floating)):
+    return value.astype(dtype)
+  return value
+
+
 def _copy_fields(template_node, source_node):
   """A ``template_node``-typed node with the same-named fields of ``source_node``."""
   values = {}
   for name in template_node._fields:
     if name in source_node._fields:
-      values[name] = getattr(source_node, name)
+      # In the template's dtypes (e.g. optax keeps bfloat16 moments for
+      # bfloat16 parameters); the decoded moments are float32.
+      values[name] = jax.tree.map(_like, getattr(template_node, name), getattr(source_node, name))
     elif name.startswith("count"):
       values[name] = _count(source_node)
     else:

@@ -154,3 +154,14 @@ def test_non_finite_moments_are_refused():
   bad = state[0]._replace(mu={"w": state[0].mu["w"].at[3, 7].set(jnp.nan)})
   with pytest.raises(ValueError, match=r"mu\['w'\] holds NaN or infinite values"):
     op.quantize_state((bad,) + tuple(state[1:]), op.adam_8bit(1e-3))
+
+
+def test_dequantized_state_takes_the_target_state_dtypes():
+  """optax keeps bfloat16 moments for bfloat16 parameters: so does the conversion."""
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
+  state = op.adamw_8bit(1e-3).init(params)
+  back = op.dequantize_state(state, optax.adamw(1e-3), params=params)
+  twin = optax.adamw(1e-3).init(params)
+  dtypes = lambda s: jax.tree.map(lambda x: jnp.dtype(x.dtype), s)  # noqa: E731
+  assert dtypes(back) == dtypes(twin)
+  optax.adamw(1e-3).update(params, back, params)  # and optax takes it
