@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from optax_paged import backend as backend_lib
 from optax_paged import offload
 from optax_paged import registry
 
@@ -159,7 +160,10 @@ class _Progress:
 def train_one(name, args, train_tokens, val_tokens, lr) -> RunResult:
   d, layers, heads, seq_len, batch = MODEL_SIZES[args.model]
   model = CharLM(d, layers, heads, seq_len, rngs=nnx.Rngs(args.seed))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, args.steps // 10), args.steps, lr * 0.1)
+  # A warm-up of a tenth of the steps (at least one), then cosine decay over
+  # the rest (at least one step, so that --steps 1 works too).
+  warmup = max(1, args.steps // 10)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(args.steps, warmup + 1), lr * 0.1)
   kwargs = {}
   if name.endswith("_8bit") and getattr(args, "backend", "auto") != "auto":
     kwargs["backend"] = args.backend
@@ -268,7 +272,7 @@ def build_parser(prog="optax-paged demo") -> argparse.ArgumentParser:
   p.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate (default 3e-3)")
   p.add_argument("--out", default="demo_output", help="output folder for the PNG (default ./demo_output)")
   p.add_argument("--text", default=None, help="train on this text file instead of the built-in corpus")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=_non_negative_int, default=0)
   p.add_argument("--backend", choices=("auto", "pallas", "xla"), default="auto",
                  help="8-bit update implementation (default auto: Pallas on one GPU/TPU, "
                  "XLA elsewhere; pallas on CPU runs the kernels in interpret mode, slowly)")
@@ -282,6 +286,16 @@ def _positive_int(s):
     raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
   if v <= 0:
     raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+  return v
+
+
+def _non_negative_int(s):
+  try:
+    v = int(s)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
+  if v < 0:
+    raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
   return v
 
 
@@ -307,14 +321,30 @@ def _optimizer_list(s):
   return names
 
 
+def _error(message: str) -> int:
+  print(f"error: {message}", file=sys.stderr)
+  return 2
+
+
 def run(args) -> int:
   _, _, _, seq_len, batch = MODEL_SIZES[args.model]
-  text, source = load_corpus(args.text)
-  if len(text) < 4 * (seq_len + 1):
-    print(f"error: the text has {len(text)} bytes, too short for --model {args.model}", file=sys.stderr)
-    return 2
+  try:
+    text, source = load_corpus(args.text)
+  except OSError as e:
+    return _error(f"cannot read --text {args.text}: {e.strerror or e}")
   data = np.frombuffer(text, dtype=np.uint8)
   split = int(len(data) * 0.9)
+  # Each split (the last 10% validates) needs at least one window of
+  # seq_len + 1 bytes beyond its start.
+  if min(split, len(data) - split) < seq_len + 2:
+    need = 10 * (seq_len + 2)
+    return _error(f"the text has {len(text)} bytes, too short for --model {args.model} "
+                  f"(needs at least {need})")
+  out = pathlib.Path(args.out)
+  try:  # before training, so that a bad folder fails at once
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    return _error(f"cannot create --out folder {args.out}: {e.strerror or e}")
   train_tokens = batches(data[:split], args.steps, batch, seq_len, args.seed)
   val_tokens = batches(data[split:], 8, batch, seq_len, args.seed + 1)
   print(
@@ -327,8 +357,6 @@ def run(args) -> int:
   print()
   print(f"model parameters: {results[0].num_params:,}")
   print(format_table(results))
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
   png = plot(results, out / "demo.png", f"{args.model} char LM, {args.steps} steps")
   if png is None:
     print("matplotlib is not installed: no PNG (pip install 'optax-paged[demo]').")
@@ -339,4 +367,8 @@ def run(args) -> int:
 
 def main(argv=None, prog="optax-paged demo") -> int:
   args = build_parser(prog).parse_args(argv)
+  try:  # OPTAX_PAGED_BACKEND, read for backend="auto"
+    backend_lib.check_backend("auto")
+  except ValueError as e:
+    return _error(str(e))
   return run(args)

@@ -48,6 +48,7 @@ def test_demo_prints_table_and_writes_png(tmp_path):
         (["--model", "huge"], "invalid choice"),
         (["--lr", "-1"], "positive number"),
         (["--bogus"], "unrecognized arguments"),
+        (["--seed", "-1"], "non-negative integer"),
     ],
 )
 def test_bad_flags_give_a_clear_message(args, message, capsys):
@@ -66,3 +67,28 @@ def test_bad_flag_message_text():
 def test_unknown_command():
   out = _run("frobnicate")
   assert out.returncode == 2 and "unknown command" in out.stderr
+
+
+def test_bad_inputs_fail_before_training_with_a_message(tmp_path, capsys, monkeypatch):
+  short = tmp_path / "short.txt"
+  short.write_bytes(b"x" * 300)  # passes a whole-text check, not the 10% validation split
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  cases = [
+      (["--text", str(short)], "too short for --model small"),
+      (["--text", str(tmp_path / "missing.txt")], "cannot read --text"),
+      (["--text", str(tmp_path)], "cannot read --text"),
+      (["--out", str(a_file)], "cannot create --out folder"),  # before any training
+  ]
+  for args, message in cases:
+    assert demo.main(args + ["--steps", "2"]) == 2, args
+    assert message in capsys.readouterr().err, args
+  monkeypatch.setenv("OPTAX_PAGED_BACKEND", "bogus")
+  assert demo.main(["--steps", "2"]) == 2
+  assert "OPTAX_PAGED_BACKEND must be" in capsys.readouterr().err
+
+
+def test_one_step_runs(tmp_path):
+  """--steps 1: the warm-up takes the step, the cosine decay still gets one."""
+  assert demo.main(["--steps", "1", "--model", "tiny", "--optimizers", "adamw_8bit",
+                    "--out", str(tmp_path)]) == 0
