@@ -182,36 +182,36 @@ def _check_leaf_dtype(path, leaf):
     )
 
 
-def _check_grad_shape(path, grad, moment):
-  """Raises ``ValueError`` unless a gradient leaf has its state's shape.
+def _check_leaf(path, grad, moment, absmax, *, block_size) -> bool:
+  """Checks a gradient leaf against its state; returns whether the leaf is 8-bit.
 
-  Without this a gradient of another shape but the same size (a transposed
-  one, say) would be blocked and updated element by element in the wrong
-  order, silently.
+  Which leaves are 8-bit: ``init`` decided on the parameters' (global)
+  shapes, and its choice shows in the state (``uint8`` codes). Deciding again
+  from the gradients' shapes would go wrong inside ``shard_map``, where a
+  leaf's shard can be smaller than ``min_8bit_size``.
+
+  Raises ``ValueError`` when the gradient's shape is not the state's (a
+  transposed gradient of the same size would otherwise be blocked and
+  updated element by element in the wrong order, silently), or when an 8-bit
+  leaf's scales do not fit the gradient's blocks. Inside ``shard_map`` a
+  sharded leaf is updated shard by shard; its blocks are those of the whole
+  array only when they lie along the last axis and each shard holds whole
+  blocks of it. Blocks over the flattened array (last axis not a multiple of
+  the block size) could straddle two shards, so a sharded leaf with them is
+  refused rather than quantized differently from the same update outside.
+  Replicated leaves (``P()``, ``pmap``'s data parallelism) are whole arrays
+  and always fine. Whether a leaf is sharded is read from its varying manual
+  axes, which ``shard_map(check_vma=False)`` does not track: there, shard
+  such leaves only along their first axis.
   """
+  name = jax.tree_util.keystr(path) or "<root>"
   if jnp.shape(grad) != jnp.shape(moment):
     raise ValueError(
         f"The gradient leaf at {jax.tree_util.keystr(path)} has shape "
         f"{tuple(jnp.shape(grad))} but the optimizer state was built for a "
         f"parameter of shape {tuple(jnp.shape(moment))}.")
-
-
-def _check_blocks(path, grad, quantized, absmax, *, block_size):
-  """Raises ``ValueError`` unless an 8-bit leaf's scales fit the gradient's blocks.
-
-  Inside ``shard_map`` a sharded leaf is updated shard by shard; its blocks
-  are those of the whole array only when they lie along the last axis and
-  each shard holds whole blocks of it. Blocks over the flattened array (last
-  axis not a multiple of the block size) could straddle two shards, so a
-  sharded leaf with them is refused rather than quantized differently from
-  the same update outside. Replicated leaves (``P()``, ``pmap``'s data
-  parallelism) are whole arrays and always fine. Whether a leaf is sharded
-  is read from its varying manual axes, which ``shard_map(check_vma=False)``
-  does not track: there, shard such leaves only along their first axis.
-  """
-  if not quantized:
-    return
-  name = jax.tree_util.keystr(path) or "<root>"
+  if jnp.dtype(moment.dtype) != jnp.uint8:
+    return False
   manual = bool(jax.sharding.get_abstract_mesh().manual_axes)
   varying = manual and bool(
       getattr(getattr(jax.typeof(absmax), "manual_axis_type", None), "varying", ()))
@@ -231,6 +231,7 @@ def _check_blocks(path, grad, quantized, absmax, *, block_size):
         f"{tuple(jnp.shape(absmax))}, but a gradient of shape "
         f"{tuple(grad.shape)} in blocks of {block_size} needs {tuple(expected)}"
         f"{where}: was the state built with another block_size?")
+  return True
 
 
 def _quantize_flags(tree, min_8bit_size: int, quantize_mask: QuantizeMask):
@@ -434,14 +435,9 @@ def scale_by_rule_8bit(
     moment_trees = [getattr(state, n) for n in names]
     absmax_trees = [getattr(state, n + "_absmax") for n in names]
     k = len(names)
-    jax.tree_util.tree_map_with_path(_check_grad_shape, updates, moment_trees[0])
-    # Which leaves are 8-bit: init decided on the parameters' (global) shapes
-    # and its choice shows in the state (uint8 codes). Deciding again from the
-    # gradients' shapes would go wrong inside shard_map, where a leaf's shard
-    # can be smaller than min_8bit_size.
-    flags = jax.tree.map(lambda _, m: jnp.dtype(m.dtype) == jnp.uint8, updates, moment_trees[0])
-    jax.tree_util.tree_map_with_path(
-        functools.partial(_check_blocks, block_size=block_size), updates, flags, absmax_trees[0])
+    flags = jax.tree_util.tree_map_with_path(
+        functools.partial(_check_leaf, block_size=block_size),
+        updates, moment_trees[0], absmax_trees[0])
 
     pallas, interpret = backend_lib.use_pallas(backend)
 
