@@ -120,7 +120,13 @@ def dequantize_state(state, tx=None, params=None):
   Returns:
     The float32 state (in device memory).
   """
-  floats = _zip(state, state, lambda t, s: _float_form(s), lambda t, s: _is_8bit_state(s))
+  found = []
+
+  def to_float(t, s):
+    found.append(s)
+    return _float_form(s)
+
+  floats = _zip(state, state, to_float, lambda t, s: _is_8bit_state(s))
   floats = jax.tree.map(_device, floats)  # paged leaves (the count too) included
   if tx is None:
     return floats
@@ -132,20 +138,9 @@ def dequantize_state(state, tx=None, params=None):
     return _copy_fields(t, s)
 
   out = _zip(template, floats, copy, lambda t, s: _is_8bit_state(s) and hasattr(t, "_fields"))
-  _check_all_converted(len(copied), _count_nodes(state, _is_8bit_state), "8-bit state", "tx's state",
+  _check_all_converted(len(copied), len(found), "8-bit state", "tx's state",
                        "The state holds no 8-bit optimizer state to dequantize.")
   return out
-
-
-def _count_nodes(tree, predicate) -> int:
-  """How many containers of ``tree`` (NamedTuples, tuples, lists, dicts) satisfy ``predicate``."""
-  if predicate(tree):
-    return 1
-  if isinstance(tree, (tuple, list)):
-    return sum(_count_nodes(x, predicate) for x in tree)
-  if isinstance(tree, dict):
-    return sum(_count_nodes(x, predicate) for x in tree.values())
-  return 0
 
 
 def _check_all_converted(done: int, expected: int, source: str, target: str, empty: str):
@@ -248,7 +243,9 @@ def quantize_state(fp32_state, tx, params=None):
     return type(t_node)(**values)
 
   out = _zip(template, fp32_state, encode, lambda t, s: _is_8bit_state(t))
-  _check_all_converted(len(encoded), _count_nodes(template, _is_8bit_state), "float32 state", "tx's state",
+  targets = []
+  _zip(template, template, lambda t, s: targets.append(t), lambda t, s: _is_8bit_state(t))
+  _check_all_converted(len(encoded), len(targets), "float32 state", "tx's state",
                        "tx has no 8-bit optimizer state: pass an optax_paged 8-bit "
                        "transformation (e.g. adamw_8bit(...)).")
   return out
