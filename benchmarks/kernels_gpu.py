@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import time
 
 import jax
@@ -88,11 +89,31 @@ def _median_time(fn, args, repeats):
   return float(np.median(times)), out
 
 
+# A kernel configuration: (codec, elements per program, warps per program).
+SWEEP = [(codec, elements, warps) for codec in ("table", "compact")
+         for elements, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8))]
+
+
+def _library_config():
+  from optax_paged import backend as backend_lib
+  from pallas_kernels import blockwise
+  return backend_lib.GPU_CODEC, blockwise.GPU_TILE_ELEMENTS, blockwise.GPU_NUM_WARPS
+
+
+def _set_library_config(config):
+  """Makes ``config`` the kernels' GPU defaults for the steps traced next."""
+  from optax_paged import backend as backend_lib
+  from pallas_kernels import blockwise
+  backend_lib.GPU_CODEC, blockwise.GPU_TILE_ELEMENTS, blockwise.GPU_NUM_WARPS = config
+  # The jitted leaf update caches its trace, which read the old defaults.
+  backend_lib.update_quantized_leaf_pallas.clear_cache()
+
+
 def sweep(n, repeats, peak):
-  """The fused AdamW kernel alone over tile sizes, warps and codecs.
+  """The fused AdamW kernel alone over codecs, tiles and warps.
 
   Checks each configuration's codes and scales against the XLA path on the
-  same inputs, and returns the fastest correct ``(codec, elements, warps)``.
+  same inputs, and returns ``(seconds, config)`` of the fastest correct one.
   """
   from optax_paged import backend as backend_lib
   from optax_paged import rules
@@ -110,38 +131,33 @@ def sweep(n, repeats, peak):
   hparams = spec.example_hparams(jnp.int32(3))
   ref = jax.jit(lambda g, c, a: transform.update_quantized_leaf_xla(
       spec.rule, g, c, a, spec.signed, hparams, 256))(grad, codes, (qm.absmax, qv.absmax))
-  print(f"\nkernel sweep, fused AdamW update alone, {n / 1e6:.0f}M elements "
+  print(f"\nkernel sweep, fused AdamW update alone, {n / 1e6:.0f}M elements, not donated "
         f"(bytes: grad 4 + codes 2 in, direction 4 + codes 2 out)")
-  print(f"{'codec':<6} {'elements':>8} {'warps':>5} {'ms':>8} {'TB/s':>7} {'% peak':>7} {'codes differ':>12}")
+  print(f"{'codec':<8} {'elements':>8} {'warps':>5} {'ms':>8} {'TB/s':>7} "
+        f"{'% peak':>7} {'codes differ':>12}")
   best = None
-  # "mixed": the arithmetic decode (no code-book gather) with the table
-  # encode, to see whether the gathers or the arithmetic limit the kernel.
-  configs = ([("table", e, w) for e in (1024, 2048, 4096, 8192) for w in (2, 4, 8)]
-             + [("mixed", e, w) for e, w in ((2048, 4), (4096, 8))])
-  for codec, elements, warps in configs:
-    if codec == "mixed":
-      decoders = backend_lib.codecs(spec.signed, True, "arith")[0]
-      _, encoders, tables = backend_lib.codecs(spec.signed, True, "table")
-    else:
-      decoders, encoders, tables = backend_lib.codecs(spec.signed, True, codec)
+  for config in SWEEP:
+    codec, elements, warps = config
+    decoders, encoders, tables = backend_lib.codecs(spec.signed, True, codec)
     fn = jax.jit(lambda g, c, a, decoders=decoders, encoders=encoders, tables=tables,
                  elements=elements, warps=warps: blockwise.fused_update(
         guarded, g, c, a, hparams, decoders=decoders, encoders=encoders, tables=tables,
         rows=max(1, elements // 256), num_warps=warps))
+    label = f"{codec:<8} {elements:>8} {warps:>5}"
     try:
       t, out = _median_time(fn, (grad, codes, absmax), repeats)
     except Exception as e:  # noqa: BLE001
-      print(f"{codec:<6} {elements:>8} {warps:>5} failed: {type(e).__name__}: {str(e)[:300]}")
+      print(f"{label} failed: {type(e).__name__}: {str(e)[:300]}")
       continue
     differ = float(np.mean([np.mean(np.asarray(a) != np.asarray(b)) for a, b in zip(out[1], ref[1])]))
     scales_equal = all(np.allclose(np.asarray(a), np.asarray(b).reshape(-1), rtol=1e-6)
                        for a, b in zip(out[2], ref[2]))
     bw = 12 * n / t
     pct = "n/a" if peak is None else f"{100 * bw / peak:.0f}%"
-    print(f"{codec:<6} {elements:>8} {warps:>5} {t * 1e3:>8.3f} {bw / 1e12:>7.3f} {pct:>7} "
+    print(f"{label} {t * 1e3:>8.3f} {bw / 1e12:>7.3f} {pct:>7} "
           f"{differ:>12.2e}{'' if scales_equal else '  SCALES DIFFER'}")
-    if codec == "table" and differ < 1e-4 and scales_equal and (best is None or t < best[0]):
-      best = (t, codec, elements, warps)
+    if differ < 1e-4 and scales_equal and (best is None or t < best[0]):
+      best = (t, config)
   return best
 
 
@@ -174,38 +190,43 @@ def main(argv=None):
   peak = PEAK_BANDWIDTH.get(dev.device_kind)
   print(f"device: {dev.device_kind} ({dev.platform}), JAX {jax.__version__}, "
         f"peak bandwidth {'unknown' if peak is None else f'{peak / 1e12:.2f} TB/s'}")
+  library = _library_config()
+  # Kernel configurations timed in the full step: the library's defaults and,
+  # with --sweep, the fastest of the sweep.
+  configs = {"adamw_8bit (pallas)": library}
   if a.sweep and dev.platform != "cpu":
-    from pallas_kernels import blockwise
     best = sweep(sizes[0], a.repeats, peak)
-    if best is not None:
-      _, codec, blockwise.GPU_TILE_ELEMENTS, blockwise.GPU_NUM_WARPS = best
-      print(f"fastest: codec {codec}, {blockwise.GPU_TILE_ELEMENTS} elements and "
-            f"{blockwise.GPU_NUM_WARPS} warps per program; used below")
+    if best is not None and best[1] != library:
+      print(f"fastest: {best[1]} (codec, elements, warps per program); "
+            f"the library's defaults are {library}")
+      configs = {"adamw_8bit (pallas, defaults)": library, "adamw_8bit (pallas, fastest)": best[1]}
   for n in sizes:
     copy_bw = copy_bandwidth(n, a.repeats)
-    makers = {
-        "optax.adamw": lambda: optax.adamw(1e-4),
-        "adamw_8bit (pallas)": lambda: op.adamw_8bit(1e-4, backend="pallas"),
-        "adamw_8bit (xla)": lambda: op.adamw_8bit(1e-4, backend="xla"),
-    }
+    makers = {"optax.adamw": (lambda: optax.adamw(1e-4), None)}
+    makers |= {k: (lambda: op.adamw_8bit(1e-4, backend="pallas"), c) for k, c in configs.items()}
+    makers["adamw_8bit (xla)"] = (lambda: op.adamw_8bit(1e-4, backend="xla"), None)
     runs = {}
-    for k, make in makers.items():
+    for k, (make, config) in makers.items():
       try:
+        if config is not None:
+          _set_library_config(config)
         runs[k] = _stepper(make(), n, 0)
       except Exception as e:  # noqa: BLE001 - report the row, time the others
         print(f"{k}: failed at {n / 1e6:.0f}M parameters: {type(e).__name__}: {str(e)[:500]}")
+      finally:
+        _set_library_config(library)
     times = {k: [] for k in runs}
     for _ in range(a.repeats):
       for k, run in runs.items():
         times[k].append(run())
     print(f"\n{n / 1e6:.1f}M parameters; measured copy bandwidth {copy_bw / 1e12:.3f} TB/s")
-    print(f"{'step':<22} {'median ms':>10} {'x adamw':>8} {'TB/s':>7} {'% peak':>7} {'% copy':>7}")
+    print(f"{'step':<30} {'median ms':>10} {'x adamw':>8} {'TB/s':>7} {'% peak':>7} {'% copy':>7}")
     base = float(np.median(times["optax.adamw"])) if "optax.adamw" in times else float("nan")
     for k, ts in times.items():
       t = float(np.median(ts))
-      bw = BYTES_PER_PARAM[k] * n / t
+      bw = BYTES_PER_PARAM[re.sub(r", [^)]*\)", ")", k)] * n / t
       pct = "n/a" if peak is None else f"{100 * bw / peak:.0f}%"
-      print(f"{k:<22} {t * 1e3:>10.2f} {t / base:>8.2f} {bw / 1e12:>7.3f} {pct:>7} {100 * bw / copy_bw:>6.0f}%")
+      print(f"{k:<30} {t * 1e3:>10.2f} {t / base:>8.2f} {bw / 1e12:>7.3f} {pct:>7} {100 * bw / copy_bw:>6.0f}%")
 
 
 if __name__ == "__main__":

@@ -178,3 +178,33 @@ def encode_tables(signed: bool, keep_nonzero: bool = False) -> EncodeTables:
   for arr in (cell_code, cell_threshold, bits, carry):
     arr.setflags(write=False)
   return EncodeTables(mags.astype(_f32), cell_code, cell_threshold, bits, carry)
+
+
+class CompactCarry(NamedTuple):
+  """``cell_carry`` without its runs of equal entries at either end (kernels).
+
+  ``table[compact_index(cell)] == cell_carry[cell]`` for every cell, with
+  ``compact_index(cell) = max(cell - offset, min(cell, 1))``: entry 0 is
+  cell 0 (zero and the smallest subnormals), entry 1 every cell from 1 up to
+  the first one that differs from cell 1 (all values too small to reach a
+  nonzero code, or all keep_nonzero's smallest code), then one entry per cell
+  up to the last, padded with the last entry to a power of two. 16 KiB
+  instead of 64: on a GPU the encode gathers stay in the L1 cache while
+  gradients and codes stream through it.
+  """
+
+  table: np.ndarray  # int32
+  offset: int
+
+
+@functools.cache
+def compact_cell_carry(signed: bool, keep_nonzero: bool = False) -> CompactCarry:
+  """The ``cell_carry`` of :func:`encode_tables` as a :class:`CompactCarry`."""
+  carry = encode_tables(signed, keep_nonzero).cell_carry
+  first = 1 + int(np.flatnonzero(carry[1:] != carry[1])[0])
+  table = np.concatenate([carry[:2], carry[first:]])
+  size = 1 << int(np.ceil(np.log2(table.size)))
+  table = np.pad(table, (0, size - table.size), mode="edge").astype(np.int32)
+  table.setflags(write=False)
+  return CompactCarry(table, first - 2)
+

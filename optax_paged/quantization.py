@@ -351,6 +351,11 @@ def _encode_with_cells(y: jax.Array, signed: bool, magnitude_index: Callable) ->
   return (codebooks.ZERO_CODE[True] + ((t ^ neg) - neg)).astype(jnp.uint8)
 
 
+def compact_index(cell: jax.Array, offset: int) -> jax.Array:
+  """Index into ``codebooks.CompactCarry.table`` of an encode-table cell."""
+  return jnp.maximum(cell - offset, jnp.minimum(cell, 1))
+
+
 def carry_code(carry: jax.Array, mag_bits: jax.Array) -> jax.Array:
   """Magnitude index from a ``cell_carry`` entry and the magnitude's bits."""
   return (carry + (mag_bits & 0xFFFF)) >> 17

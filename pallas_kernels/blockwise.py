@@ -56,7 +56,8 @@ def compiler_params(platform: str | None = None, num_warps: int | None = None):
 
 
 # GPU (Triton) programs: elements per program and warps per program (the
-# fastest of a sweep on an H200 at 256M elements, benchmarks/RESULTS.md).
+# fastest of sweeps at 256M elements on an H200 and an H100,
+# benchmarks/RESULTS.md).
 GPU_TILE_ELEMENTS = 4096
 GPU_NUM_WARPS = 8
 

@@ -1,11 +1,13 @@
 """The code books are bitsandbytes' maps, bit for bit, and the encode tables are sound."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import require
 from optax_paged import codebooks
 from optax_paged import dynamic_map
+from optax_paged import quantization as qz
 
 
 def _reference_map(signed):
@@ -116,3 +118,14 @@ def test_one_gather_table_equals_code_and_threshold_tables(signed, keep_nonzero)
   expected = t.cell_code[:, None] + (bits >= t.cell_threshold_bits[:, None])
   carry = (t.cell_carry[:, None].astype(np.int64) + lows) >> 17
   np.testing.assert_array_equal(carry, expected)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("keep_nonzero", [False, True])
+def test_compact_table_reads_the_full_table_entry_of_every_cell(signed, keep_nonzero):
+  full = codebooks.encode_tables(signed, keep_nonzero).cell_carry
+  compact = codebooks.compact_cell_carry(signed, keep_nonzero)
+  index = np.asarray(qz.compact_index(jnp.arange(codebooks.NUM_CELLS), compact.offset))
+  assert compact.table.size & (compact.table.size - 1) == 0  # a power of two (Triton)
+  assert compact.table.size * 4 <= 16384 < full.size * 4
+  np.testing.assert_array_equal(compact.table[index], full)

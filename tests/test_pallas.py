@@ -53,8 +53,11 @@ FUSED_CASES = [
     for shape, dtype in _OTHER
 ]
 
-# The table codec (GPU) on every case; the arithmetic one (TPU) on a few.
+# The table codec (GPU) on every case; the compact table (GPU) and the
+# arithmetic one (TPU) on a few.
 FUSED_CASES = [c + ("table",) for c in FUSED_CASES] + [
+    ("adam", 64, (3, 4097), jnp.float32, "compact"), ("adam", 4096, (8, 4096), jnp.float32, "compact"),
+    ("lion", 256, (3, 4097), jnp.bfloat16, "compact"), ("ademamix", 256, (5000,), jnp.float32, "compact"),
     ("adam", 64, (3, 4097), jnp.float32, "arith"), ("adam", 4096, (8, 4096), jnp.float32, "arith"),
     ("lion", 256, (3, 4097), jnp.bfloat16, "arith"), ("ademamix", 256, (5000,), jnp.float32, "arith")]
 
@@ -104,7 +107,7 @@ def test_fused_kernel_equals_xla_path(name, block_size, shape, dtype, codec):
 
 CODEC_CASES = [(s, b, shape, "table") for s in (True, False) for b in (64, 4096) for shape in SHAPES] + [
     (s, 256, SHAPES[2], "table") for s in (True, False)] + [
-    (s, 256, shape, "arith") for s in (True, False) for shape in SHAPES[1:3]]
+    (s, 256, shape, c) for s in (True, False) for shape in SHAPES[1:3] for c in ("compact", "arith")]
 
 
 @pytest.mark.parametrize("signed, block_size, shape, codec", CODEC_CASES, ids=str)
@@ -203,8 +206,9 @@ def test_fused_update_lowers_for_gpu_and_tpu(platform, name, block_size):
   _export(step, args, platform)
 
 
-def test_arithmetic_codec_lowers_for_gpu_too():
-  step, args = _fused_for("adam", "cuda", codec="arith")
+@pytest.mark.parametrize("codec", backend_lib.CODECS)
+def test_every_codec_lowers_for_gpu(codec):
+  step, args = _fused_for("adam", "cuda", codec=codec)
   _export(step, args, "cuda")
 
 
