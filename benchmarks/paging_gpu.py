@@ -39,9 +39,9 @@ STREAM_PAGE_BYTES = 256 * 2**20
 #   streamed   stream leaves in pages of STREAM_PAGE_BYTES;
 #   unordered  prefetch=None: one update, XLA orders the transfers;
 #   p0, p2     prefetch=0 / 2 (default 1);
-#   forward    parameters in tree order, not reversed;
+#   reverse    parameters in reverse tree order (the default is tree order);
 #   xla        backend="xla" (8-bit optimizers; unpaged "auto" is the kernel).
-MODES = ("streamed", "unordered", "p0", "p2", "forward", "xla")
+MODES = ("streamed", "unordered", "p0", "p2", "reverse", "xla")
 
 
 def _build(name):
@@ -57,7 +57,7 @@ def _build(name):
     kwargs["policy"] = op.OffloadPolicy(
         page_bytes=STREAM_PAGE_BYTES if "streamed" in modes else None,
         prefetch=next((prefetch[m] for m in modes if m in prefetch), 1))
-    offload._REVERSE_ORDER = "forward" not in modes
+    offload._REVERSE_ORDER = "reverse" in modes
   return registry.create(base, 1e-4, **kwargs)
 
 

@@ -71,10 +71,9 @@ class OffloadPolicy:
       ``paged(..., elementwise=True)``.
     prefetch: ordering of the transfers, for elementwise transformations
       (``paged(..., elementwise=True)``, as the ``paged_*`` aliases are). The
-      update then runs one parameter at a time (in reverse tree order: a
-      network's last layers get their gradients first), and the state of the
-      ``i``-th offloaded parameter is moved to the device only once the new
-      state of the ``(i - 1 - prefetch)``-th is back in host memory: at most
+      update then runs one parameter at a time (in tree order), and the state
+      of the ``i``-th offloaded parameter is moved to the device only once the
+      new state of the ``(i - 1 - prefetch)``-th is back in host memory: at most
       ``prefetch + 1`` parameters' state is on the device at once (default
       1: one updating while the next one's state comes in). ``None`` leaves
       the order to XLA, which brings all the state in at once (measured on
@@ -329,11 +328,13 @@ def _whole_update(tx, updates, state, params, extra_args):
 # in an order the transfers must follow, and lets large leaves be streamed
 # in pages (ranges of rows).
 
-# Parameters go in reverse tree order (backpropagation produces the
-# gradients of a network's last layers first). A switch for
-# benchmarks/paging_gpu.py ("@forward"): on an H200, tree order gave the same
-# peak and float32 paged steps 12% faster (benchmarks/RESULTS.md).
-_REVERSE_ORDER = True
+# Parameters go in tree order. Reverse order (backpropagation produces the
+# gradients of a network's last layers first) was the default until measured:
+# at 1B parameters, paged steps in tree order were 12% faster on an H200
+# (float32 state, same peak) and 9-12% faster on an H100 (float32 and 8-bit
+# state; 8-bit peak 4.88 instead of 4.97 GiB), benchmarks/RESULTS.md. A
+# switch for benchmarks/paging_gpu.py ("@reverse").
+_REVERSE_ORDER = False
 
 
 def _paths(tree) -> dict:
@@ -522,7 +523,7 @@ def _split_update(tx, updates, state, params, extra_args, where, page_bytes, pre
   """The update one parameter at a time (see the section comment).
 
   Parameters without offloaded state, and the shared state, are updated in
-  one call first. Then each parameter with offloaded state, in reverse tree
+  one call first. Then each parameter with offloaded state, in tree
   order: streamed in pages if its state exceeds ``page_bytes``, else whole; with
   ``prefetch`` set, its state moves to the device only after the new state
   of the parameter ``prefetch + 1`` places before it (an optimization
