@@ -68,32 +68,90 @@ def tile_rows(num_blocks: int, block_size: int, platform: str | None = None, int
   GPU (Triton): a power of two, ``GPU_TILE_ELEMENTS`` elements per program
   (at least one block). TPU: a multiple of 32 rows (native ``uint8``
   tiling), ~64K elements. Interpret mode: large tiles, since each grid step
-  is a loop iteration on the host.
+  is a loop iteration on the host. Rows beyond the last whole tile are
+  handled by :func:`_tiled_call`.
   """
   platform = _platform(platform)
   if platform in GPU_PLATFORMS and not interpret:
     rows = max(1, GPU_TILE_ELEMENTS // block_size)
-    return min(rows, pl.next_power_of_2(num_blocks))
+    return min(rows, 1 << (num_blocks.bit_length() - 1))
   target = 65536 if not interpret else max(65536, 1 << 20)
   rows = max(32, target // block_size)
   return num_blocks if num_blocks <= rows else rows
 
 
-def _whole_tiles(rows, *arrays):
-  """Pads ``arrays`` along axis 0 to whole tiles of ``rows``: ``(original rows, arrays)``.
-
-  A compiled GPU kernel's last, partial tile wrote past the end of its
-  outputs (seen on an H200 with JAX 0.11.2: the rows beyond the array landed
-  in the next buffer, another moment's codes). With whole tiles no program
-  reaches past the end. Interpret mode pads too, so that CPU tests run the
-  same code.
-  """
-  n = arrays[0].shape[0]
-  extra = -n % rows
+def _pad_rows(rows, arrays):
+  """Pads ``arrays`` along axis 0 to whole tiles of ``rows`` (TPU)."""
+  extra = -arrays[0].shape[0] % rows
   if not extra:
-    return n, arrays
-  pad = lambda x: jnp.pad(x, ((0, extra),) + ((0, 0),) * (x.ndim - 1))
-  return n, tuple(pad(x) for x in arrays)
+    return arrays
+  return [jnp.pad(x, ((0, extra),) + ((0, 0),) * (x.ndim - 1)) for x in arrays]
+
+
+def _tiled_call(kernel, args, tiled, out_shape, aliases, rows, platform, interpret, name,
+                num_warps=None):
+  """``kernel`` over the row tiles of the ``tiled`` arguments and of every output.
+
+  Untiled arguments (hyperparameters, tables) are passed whole to every
+  program. No program reaches past the end of an array: a compiled GPU
+  kernel's last, partial tile wrote past the end of its outputs (seen on an
+  H200 with JAX 0.11.2: the rows beyond the array landed in the next buffer,
+  another moment's codes). Whole tiles of ``rows`` go in one call; the rows
+  left over in further calls with tiles of the largest power of two rows
+  that fits (at most ``log2(rows)`` calls), each updating the previous call's
+  outputs in place. So nothing is padded or sliced: a padded copy would cost
+  a pass over every array and lose the in-place update of the codes. TPU
+  tiles must be multiples of 32 rows: there the arrays are padded to whole
+  tiles and the results sliced.
+
+  Returns:
+    the outputs, with as many rows as the tiled arguments.
+  """
+  n = next(a.shape[0] for a, t in zip(args, tiled) if t)
+  out_shape = list(out_shape)
+
+  def specs(arrays, is_tiled, r, first):
+    return [pl.BlockSpec((r,) + x.shape[1:], lambda i, nd=x.ndim: (i + first,) + (0,) * (nd - 1))
+            if t else pl.BlockSpec(x.shape, lambda i, nd=x.ndim: (0,) * nd)
+            for x, t in zip(arrays, is_tiled)]
+
+  if _platform(platform) == "tpu" and not interpret:
+    padded = _pad_rows(rows, [a for a, t in zip(args, tiled) if t])
+    it = iter(padded)
+    args = [next(it) if t else a for a, t in zip(args, tiled)]
+    m = args[tiled.index(True)].shape[0]
+    shapes = [jax.ShapeDtypeStruct((m,) + o.shape[1:], o.dtype) for o in out_shape]
+    outs = _call(kernel, shapes, specs(args, tiled, rows, 0), specs(shapes, [True] * len(shapes), rows, 0),
+                 (m // rows,), aliases, platform, interpret, name, num_warps)(*args)
+    return [o[:n] for o in outs]
+
+  outs, done = None, 0
+  while done < n:
+    r = rows if n - done >= rows else 1 << ((n - done).bit_length() - 1)
+    count = (n - done) // r
+    call_args, call_aliases, call_kernel = list(args), dict(aliases), kernel
+    if outs is not None:
+      # Continue the previous call's outputs in place: aliased inputs become
+      # those outputs, and the other outputs come in as extra aliased inputs
+      # that the kernel does not see.
+      for i, j in aliases.items():
+        call_args[i] = outs[j]
+      extra = [j for j in range(len(out_shape)) if j not in aliases.values()]
+      call_aliases |= {len(args) + e: j for e, j in enumerate(extra)}
+      call_args += [outs[j] for j in extra]
+      call_kernel = functools.partial(_drop_refs, kernel, len(args), len(extra))
+    outs = _call(call_kernel, out_shape,
+                 specs(call_args, list(tiled) + [True] * (len(call_args) - len(args)), r, done // r),
+                 specs(out_shape, [True] * len(out_shape), r, done // r),
+                 (count,), call_aliases, platform, interpret, name, num_warps)(*call_args)
+    outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+    done += count * r
+  return outs
+
+
+def _drop_refs(kernel, start, count, *refs):
+  """Calls ``kernel`` without ``refs[start:start + count]``."""
+  return kernel(*refs[:start], *refs[start + count:])
 
 
 def _safe_inverse(absmax):
@@ -160,10 +218,6 @@ def fused_update(
   names = sorted(hparams)
   hvec = jnp.stack([jnp.asarray(hparams[n], jnp.float32) for n in names]).reshape(1, len(names))
   rows = rows or tile_rows(num_blocks, block_size, platform, interpret)
-  n, (grad, *state) = _whole_tiles(rows, grad, *codes,
-                                   *(a.reshape(num_blocks, 1) for a in absmax))
-  padded_blocks = grad.shape[0]
-
   nt = len(tables)
 
   def kernel(h_ref, g_ref, *refs):
@@ -181,24 +235,19 @@ def fused_update(
       oa[...] = scale
       oc[...] = enc(n * _safe_inverse(scale), t_refs)
 
-  tile = pl.BlockSpec((rows, block_size), lambda i: (i, 0))
-  scale_tile = pl.BlockSpec((rows, 1), lambda i: (i, 0))
-  table_specs = [pl.BlockSpec(t.shape, lambda i: (0,)) for t in tables]
-  in_specs = ([pl.BlockSpec((1, len(names)), lambda i: (0, 0)), tile] + table_specs
-              + [tile] * k + [scale_tile] * k)
-  out_specs = [tile] + [tile] * k + [scale_tile] * k
+  args = [hvec, grad, *tables, *codes, *(a.reshape(num_blocks, 1) for a in absmax)]
+  tiled = [False, True] + [False] * nt + [True] * (2 * k)
   out_shape = (
       [jax.ShapeDtypeStruct(grad.shape, out_dtype)]
       + [jax.ShapeDtypeStruct(grad.shape, jnp.uint8)] * k
-      + [jax.ShapeDtypeStruct((padded_blocks, 1), jnp.float32)] * k
+      + [jax.ShapeDtypeStruct((num_blocks, 1), jnp.float32)] * k
   )
   first = 2 + nt
   aliases = {first + i: 1 + i for i in range(k)} | {first + k + i: 1 + k + i for i in range(k)}
-  out = _call(kernel, out_shape, in_specs, out_specs, (padded_blocks // rows,), aliases,
-              platform, interpret, "optax_paged_fused_update", num_warps)(hvec, grad, *tables, *state)
-  direction, new_codes, new_absmax = out[0][:n], out[1:1 + k], out[1 + k:]
-  return (direction, tuple(c[:n] for c in new_codes),
-          tuple(a[:n].reshape(num_blocks) for a in new_absmax))
+  out = _tiled_call(kernel, args, tiled, out_shape, aliases, rows, platform, interpret,
+                    "optax_paged_fused_update", num_warps)
+  direction, new_codes, new_absmax = out[0], out[1:1 + k], out[1 + k:]
+  return direction, tuple(new_codes), tuple(a.reshape(num_blocks) for a in new_absmax)
 
 
 def quantize(
@@ -232,16 +281,11 @@ def quantize(
     v = jnp.where(v == v, v, 0.0)  # NaN -> 0
     c_ref[...] = encoder(v * _safe_inverse(scale), t_refs)
 
-  tile = pl.BlockSpec((rows, block_size), lambda i: (i, 0))
-  n, (x,) = _whole_tiles(rows, x)
-  codes, scale = _call(
-      kernel,
-      [jax.ShapeDtypeStruct(x.shape, jnp.uint8), jax.ShapeDtypeStruct((x.shape[0], 1), jnp.float32)],
-      [tile] + [pl.BlockSpec(t.shape, lambda i: (0,)) for t in tables],
-      [tile, pl.BlockSpec((rows, 1), lambda i: (i, 0))],
-      (pl.cdiv(x.shape[0], rows),), {}, platform, interpret, "optax_paged_quantize",
-  )(x, *tables)
-  return codes[:n], scale[:n].reshape(num_blocks)
+  codes, scale = _tiled_call(
+      kernel, [x, *tables], [True] + [False] * nt,
+      [jax.ShapeDtypeStruct(x.shape, jnp.uint8), jax.ShapeDtypeStruct((num_blocks, 1), jnp.float32)],
+      {}, rows, platform, interpret, "optax_paged_quantize")
+  return codes, scale.reshape(num_blocks)
 
 
 def dequantize(
@@ -263,11 +307,8 @@ def dequantize(
     t_refs, o_ref = refs[:nt], refs[nt]
     o_ref[...] = decoder(c_ref[...].astype(jnp.int32), t_refs) * a_ref[...]
 
-  tile = pl.BlockSpec((rows, block_size), lambda i: (i, 0))
-  n, (codes, absmax) = _whole_tiles(rows, codes, absmax.reshape(num_blocks, 1))
-  return _call(
-      kernel, jax.ShapeDtypeStruct(codes.shape, jnp.float32),
-      [tile, pl.BlockSpec((rows, 1), lambda i: (i, 0))]
-      + [pl.BlockSpec(t.shape, lambda i: (0,)) for t in tables], tile,
-      (pl.cdiv(codes.shape[0], rows),), {}, platform, interpret, "optax_paged_dequantize",
-  )(codes, absmax, *tables)[:n]
+  (values,) = _tiled_call(
+      kernel, [codes, absmax.reshape(num_blocks, 1), *tables], [True, True] + [False] * nt,
+      [jax.ShapeDtypeStruct(codes.shape, jnp.float32)], {}, rows, platform, interpret,
+      "optax_paged_dequantize")
+  return values

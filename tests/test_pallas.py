@@ -126,12 +126,30 @@ def test_codec_kernels_equal_xla_codec(signed, block_size, shape, codec):
   np.testing.assert_array_equal(np.asarray(y_p), np.asarray(y))
 
 
-def test_partial_last_tile_runs_on_whole_padded_tiles():
-  """49 blocks in tiles of 8: the kernels see 56 rows (no program past the
-  end of an output, which a compiled GPU kernel wrote over), and return the
-  49-row results of one whole tile."""
+def _row_ranges(jaxpr):
+  """``(first row, end row, array rows)`` of every tiled operand of every pallas_call."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name != "pallas_call":
+      continue
+    gm = eqn.params["grid_mapping"]
+    (steps,) = gm.grid
+    for bm in gm.block_mappings:
+      rows, full = getattr(bm.block_shape[0], "block_size", bm.block_shape[0]), bm.array_aval.shape[0]
+      if len(bm.array_aval.shape) < 2 or rows == full == 1:
+        continue
+      index = lambda i: jax.core.eval_jaxpr(bm.index_map_jaxpr.jaxpr, bm.index_map_jaxpr.consts, i)[0]
+      out.append((int(index(0)) * rows, (int(index(steps - 1)) + 1) * rows, full))
+  return out
+
+
+@pytest.mark.parametrize("num_blocks", [49, 63])
+def test_partial_last_tile_runs_as_smaller_whole_tiles(num_blocks):
+  """Blocks in tiles of 8, the rest in tiles of 4, 2, 1: no program past the
+  end of an array (a compiled GPU kernel wrote over the next buffer there),
+  nothing padded, and the results of one call over all rows."""
   spec = rules.RULES["ademamix"]
-  grad, codes, absmax = _inputs((49, 256), 256, spec.signed, jnp.bfloat16)
+  grad, codes, absmax = _inputs((num_blocks, 256), 256, spec.signed, jnp.bfloat16)
   decoders, encoders, tables = backend_lib.codecs(spec.signed, True, "table")
   guarded = functools.partial(transform._guarded_rule, spec.rule)
   hparams = spec.example_hparams(jnp.int32(3))
@@ -141,7 +159,15 @@ def test_partial_last_tile_runs_on_whole_padded_tiles():
     return blockwise.fused_update(guarded, grad, codes, absmax, hparams, decoders=decoders,
                                   encoders=encoders, tables=tables, interpret=True, rows=rows)
 
-  assert "56,256" in str(jax.make_jaxpr(lambda: fused(8))())
+  jaxpr = jax.make_jaxpr(lambda: fused(8))()
+  assert "pad" not in str(jaxpr)
+  ranges = _row_ranges(jaxpr.jaxpr)
+  assert all(end <= full == num_blocks for _, end, full in ranges)
+  # Every row once: the calls cover consecutive ranges up to the end.
+  covered = sorted({(first, end) for first, end, _ in ranges})
+  assert covered[0][0] == 0 and covered[-1][1] == num_blocks
+  assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
+  assert len(covered) == 1 + bin(num_blocks % 8).count("1")
   for x, y in zip(jax.tree.leaves(fused(8)), jax.tree.leaves(fused(None))):
     assert x.shape == y.shape
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -204,6 +230,15 @@ EXPORT_CASES = [(n, 256) for n in sorted(rules.RULES)] + [("adam", 4096)]
 def test_fused_update_lowers_for_gpu_and_tpu(platform, name, block_size):
   step, args = _fused_for(name, platform, block_size)
   _export(step, args, platform)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_partial_last_tile_lowers_for_gpu_and_tpu(platform):
+  """49 blocks: several calls on GPU (tiles of 16 and 1), padding on TPU."""
+  step, args = _fused_for("adam", platform, num_blocks=49)
+  text = _export(step, args, platform).mlir_module()
+  calls = text.count("tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton")
+  assert calls >= (1 if platform == "tpu" else 2)
 
 
 @pytest.mark.parametrize("codec", backend_lib.CODECS)
