@@ -74,10 +74,10 @@ def tile_rows(num_blocks: int, block_size: int, platform: str | None = None, int
   platform = _platform(platform)
   if platform in GPU_PLATFORMS and not interpret:
     rows = max(1, GPU_TILE_ELEMENTS // block_size)
-    return min(rows, 1 << (num_blocks.bit_length() - 1))
+    return min(rows, 1 << max(num_blocks.bit_length() - 1, 0))
   target = 65536 if not interpret else max(65536, 1 << 20)
   rows = max(32, target // block_size)
-  return num_blocks if num_blocks <= rows else rows
+  return max(num_blocks, 1) if num_blocks <= rows else rows
 
 
 def _pad_rows(rows, arrays):
@@ -98,17 +98,20 @@ def _tiled_call(kernel, args, tiled, out_shape, aliases, rows, platform, interpr
   H200 with JAX 0.11.2: the rows beyond the array landed in the next buffer,
   another moment's codes). Whole tiles of ``rows`` go in one call; the rows
   left over in further calls with tiles of the largest power of two rows
-  that fits (at most ``log2(rows)`` calls), each updating the previous call's
-  outputs in place. So nothing is padded or sliced: a padded copy would cost
-  a pass over every array and lose the in-place update of the codes. TPU
-  tiles must be multiples of 32 rows: there the arrays are padded to whole
-  tiles and the results sliced.
+  that fits and divides the rows done (at most ``log2(rows)`` calls for a
+  power-of-two ``rows``), each updating the previous call's outputs in
+  place. So nothing is padded or sliced: a padded copy would cost a pass
+  over every array and lose the in-place update of the codes. TPU tiles
+  must be multiples of 32 rows: there the arrays are padded to whole tiles
+  and the results sliced.
 
   Returns:
     the outputs, with as many rows as the tiled arguments.
   """
   n = next(a.shape[0] for a, t in zip(args, tiled) if t)
   out_shape = list(out_shape)
+  if n == 0:
+    return [jnp.zeros(o.shape, o.dtype) for o in out_shape]
 
   def specs(arrays, is_tiled, r, first):
     return [pl.BlockSpec((r,) + x.shape[1:], lambda i, nd=x.ndim: (i + first,) + (0,) * (nd - 1))
@@ -127,8 +130,11 @@ def _tiled_call(kernel, args, tiled, out_shape, aliases, rows, platform, interpr
 
   outs, done = None, 0
   while done < n:
-    r = rows if n - done >= rows else 1 << ((n - done).bit_length() - 1)
-    count = (n - done) // r
+    rest = n - done
+    r = rows if rest >= rows and done % rows == 0 else 1 << (rest.bit_length() - 1)
+    if done:
+      r = min(r, done & -done)  # tiles start at multiples of their size
+    count = rest // r
     call_args, call_aliases, call_kernel = list(args), dict(aliases), kernel
     if outs is not None:
       # Continue the previous call's outputs in place: aliased inputs become

@@ -168,18 +168,36 @@ def test_partial_last_tile_runs_as_smaller_whole_tiles(num_blocks):
   assert covered[0][0] == 0 and covered[-1][1] == num_blocks
   assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
   assert len(covered) == 1 + bin(num_blocks % 8).count("1")
-  for x, y in zip(jax.tree.leaves(fused(8)), jax.tree.leaves(fused(None))):
-    assert x.shape == y.shape
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  x = jnp.asarray(grad, jnp.float32)
-  encoder, decoder = encoders[0], decoders[0]
-  c8, a8 = blockwise.quantize(x, encoder=encoder, tables=tables, interpret=True, rows=8)
-  c, a = blockwise.quantize(x, encoder=encoder, tables=tables, interpret=True)
-  np.testing.assert_array_equal(np.asarray(c8), np.asarray(c))
-  np.testing.assert_array_equal(np.asarray(a8), np.asarray(a))
-  np.testing.assert_array_equal(
-      np.asarray(blockwise.dequantize(c, a, decoder=decoder, tables=tables, interpret=True, rows=8)),
-      np.asarray(blockwise.dequantize(c, a, decoder=decoder, tables=tables, interpret=True)))
+  # Tiles of 8 rows, and of 3 (not a power of two: the leftover tiles must
+  # still start at multiples of their size).
+  for rows in (8, 3):
+    for x, y in zip(jax.tree.leaves(fused(rows)), jax.tree.leaves(fused(None))):
+      assert x.shape == y.shape
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    x = jnp.asarray(grad, jnp.float32)
+    encoder, decoder = encoders[0], decoders[0]
+    c_r, a_r = blockwise.quantize(x, encoder=encoder, tables=tables, interpret=True, rows=rows)
+    c, a = blockwise.quantize(x, encoder=encoder, tables=tables, interpret=True)
+    np.testing.assert_array_equal(np.asarray(c_r), np.asarray(c))
+    np.testing.assert_array_equal(np.asarray(a_r), np.asarray(a))
+    np.testing.assert_array_equal(
+        np.asarray(blockwise.dequantize(c, a, decoder=decoder, tables=tables, interpret=True, rows=rows)),
+        np.asarray(blockwise.dequantize(c, a, decoder=decoder, tables=tables, interpret=True)))
+
+
+def test_empty_8bit_leaf_on_the_kernel_path():
+  """A zero-size parameter kept 8-bit (min_8bit_size=0): as on the XLA path."""
+  params = {"w": jnp.zeros((0, 256)), "v": jnp.ones((4, 256))}
+  grads = jax.tree.map(lambda p: p + 0.5, params)
+  out = {}
+  for backend in ("pallas", "xla"):
+    tx = op.adamw_8bit(1e-2, min_8bit_size=0, backend=backend)
+    state = tx.init(params)
+    out[backend] = tx.update(grads, state, params)
+  for x, y in zip(jax.tree.leaves(out["pallas"]), jax.tree.leaves(out["xla"])):
+    assert x.shape == y.shape and x.dtype == y.dtype
+    np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=1e-6)
+  assert blockwise.tile_rows(0, 256, "cuda") == 1
 
 
 def _fused_for(name, platform, block_size=256, num_blocks=64, codec=None):
