@@ -12,11 +12,15 @@ donated, and prints the achieved bandwidth: modelled bytes read and written
 per step divided by the step time, against the device's peak and against a
 measured copy (``x * 2``) on the same device.
 
+With ``--sweep`` it first times the kernel alone over codecs, tile sizes and
+warps (checking each one's codes against the XLA path), then times the
+library's defaults and the fastest configuration side by side in the step.
+
 On a machine without a GPU it runs a small size (kernels in interpret mode)
 to show the script works, and says so.
 
 Usage:
-    python benchmarks/kernels_gpu.py [--sizes 64e6,256e6,1e9] [--repeats 20]
+    python benchmarks/kernels_gpu.py [--sizes 64e6,256e6,1e9] [--repeats 20] [--sweep]
 """
 
 from __future__ import annotations
@@ -179,7 +183,8 @@ def main(argv=None):
   p.add_argument("--sizes", default="64e6,256e6,1e9")
   p.add_argument("--repeats", type=int, default=20)
   p.add_argument("--sweep", action="store_true",
-                 help="first time the kernel alone over tile sizes and warps, then use the fastest")
+                 help="first time the kernel alone over codecs, tile sizes and warps, then time "
+                      "the library's defaults and the fastest in the full step")
   a = p.parse_args(argv)
   dev = jax.devices()[0]
   sizes = [int(float(s)) // 4096 * 4096 for s in a.sizes.split(",")]

@@ -99,7 +99,7 @@ def default_codec(platform: str | None = None) -> str:
 
 
 # The GPU kernels' codec: the compact table (4% faster than the full one in
-# the 1B-parameter step on an H100, the same within 1% on an H200;
+# the 1B-parameter step on an H100, within 1.1% of it on an H200;
 # benchmarks/RESULTS.md).
 GPU_CODEC = "compact"
 
@@ -120,7 +120,7 @@ def codecs(signed: tuple[bool, ...], keep_nonzero: bool, codec: str):
   ``"table"``: decode gathers from the 256-value code book and encode from
   the cell table (one load each, from cache; 64 KiB per code book);
   ``"compact"``: the same with the cell table's constant runs cut
-  (:class:`optax_paged.codebooks.CompactCarry`, 16 KiB, two integer
+  (:class:`optax_paged.codebooks.CompactCarry`, 16 KiB, three integer
   operations more per element); ``"arith"``: both computed arithmetically,
   no tables (TPU). All give the same codes.
   """

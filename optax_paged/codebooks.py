@@ -181,16 +181,16 @@ def encode_tables(signed: bool, keep_nonzero: bool = False) -> EncodeTables:
 
 
 class CompactCarry(NamedTuple):
-  """``cell_carry`` without its runs of equal entries at either end (kernels).
+  """``cell_carry`` without its long run of equal entries at the low end (kernels).
 
   ``table[compact_index(cell)] == cell_carry[cell]`` for every cell, with
   ``compact_index(cell) = max(cell - offset, min(cell, 1))``: entry 0 is
   cell 0 (zero and the smallest subnormals), entry 1 every cell from 1 up to
   the first one that differs from cell 1 (all values too small to reach a
   nonzero code, or all keep_nonzero's smallest code), then one entry per cell
-  up to the last, padded with the last entry to a power of two. 16 KiB
-  instead of 64: on a GPU the encode gathers stay in the L1 cache while
-  gradients and codes stream through it.
+  from there to the last, padded with the last entry to a power of two
+  (4096). 16 KiB instead of 64: on a GPU the encode gathers stay in the L1
+  cache while gradients and codes stream through it.
   """
 
   table: np.ndarray  # int32
@@ -207,4 +207,3 @@ def compact_cell_carry(signed: bool, keep_nonzero: bool = False) -> CompactCarry
   table = np.pad(table, (0, size - table.size), mode="edge").astype(np.int32)
   table.setflags(write=False)
   return CompactCarry(table, first - 2)
-
