@@ -119,7 +119,7 @@ def codecs(signed: tuple[bool, ...], keep_nonzero: bool, codec: str):
 
   ``"table"``: decode gathers from the 256-value code book and encode from
   the cell table (one load each, from cache; 64 KiB per code book);
-  ``"compact"``: the same with the cell table's constant runs cut
+  ``"compact"``: the same with the cell table's long low run of equal entries cut
   (:class:`optax_paged.codebooks.CompactCarry`, 16 KiB, three integer
   operations more per element); ``"arith"``: both computed arithmetically,
   no tables (TPU). All give the same codes.
