@@ -55,7 +55,8 @@ class OffloadPolicy:
 
   Attributes:
     min_size: state leaves with fewer elements stay on the device (default
-      100,000, bitsandbytes' threshold for paging a state tensor).
+      100,000, bitsandbytes' threshold for paging a state tensor); scalars
+      (step counts) and empty leaves always stay.
     device_budget_bytes: ``None`` offloads every eligible leaf. A number keeps
       state on the device while it fits in that many bytes and offloads the
       rest ("page only when memory runs out"): leaves below ``min_size``
@@ -163,7 +164,10 @@ def placement(state, policy: OffloadPolicy, budget: int | None = None) -> list[b
     One bool per leaf: ``True`` means the leaf lives in ``pinned_host`` memory.
   """
   leaves = jax.tree.leaves(state)
-  eligible = [math.prod(x.shape) >= policy.min_size and math.prod(x.shape) > 0 for x in leaves]
+  # Scalars (step counts) always stay: offloading them saves nothing, and
+  # wrappers such as optax.MultiSteps select between old and new state with
+  # jnp.where, which gives a scalar in host memory back in device memory.
+  eligible = [len(x.shape) > 0 and math.prod(x.shape) >= max(policy.min_size, 1) for x in leaves]
   if budget is None:
     return eligible
   used = sum(_nbytes(x) for x, e in zip(leaves, eligible) if not e)
@@ -194,7 +198,20 @@ def _place(state, where: list[bool]):
       _to_space(x, jax.memory.Space.Host if h else jax.memory.Space.Device)
       for x, h in zip(leaves, where)
   ]
+  if any(where) and jax.device_count() == 1:
+    # Arrays in host memory are committed to their device, and a jitted step
+    # compiles again when its inputs go from partly to wholly committed (its
+    # outputs are). So the device leaves are committed too (outside jit;
+    # with one device only, see _to_space): with committed parameters the
+    # step then compiles once.
+    moved = [_commit(x) for x in moved]
   return jax.tree.unflatten(treedef, moved)
+
+
+def _commit(x):
+  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and not x.committed:
+    return jax.device_put(x, jax.devices()[0])
+  return x
 
 
 def place(state, policy: OffloadPolicy | None = None, *, memory_stats=None):

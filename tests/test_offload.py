@@ -350,9 +350,12 @@ def test_nnx_optimizer_steps_and_compiles_once():
   assert kinds == {"device", "pinned_host"}
 
 
-def test_multisteps():
+@pytest.mark.parametrize("policy", [SMALL, op.OffloadPolicy(min_size=0)], ids=["small", "min_size=0"])
+def test_multisteps(policy):
+  """min_size=0 once offloaded the step count too, and MultiSteps' select
+  between old and new state then failed (its where gave a device scalar)."""
   params = _params()
-  tx = optax.MultiSteps(op.paged_adamw_8bit(1e-3, policy=SMALL), every_k_schedule=2)
+  tx = optax.MultiSteps(op.paged_adamw_8bit(1e-3, policy=policy), every_k_schedule=2)
   ref = optax.MultiSteps(op.adamw_8bit(1e-3), every_k_schedule=2)
   s, r = tx.init(params), ref.init(params)
   step, ref_step = jax.jit(tx.update), jax.jit(ref.update)
@@ -362,6 +365,35 @@ def test_multisteps():
     v, r = ref_step(g, r, params)
     chex.assert_trees_all_equal(u, v)
   assert "pinned_host" in _kinds(s)
+  assert all(x.sharding.memory_kind == "device" for x in jax.tree.leaves(s) if x.ndim == 0)
+
+
+@pytest.mark.parametrize("name", ["paged_adamw", "paged_adamw_8bit"])
+def test_jitted_step_compiles_once_with_committed_params(name):
+  """Host arrays are committed, and a step whose inputs go from partly to
+  wholly committed compiles again; so paged init commits its device leaves."""
+  params = jax.device_put(_params(), jax.devices()[0])
+  grads = [jax.device_put(_grads(params, i), jax.devices()[0]) for i in range(3)]
+  tx = op.create(name, 1e-3, policy=SMALL)
+
+  @jax.jit
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  p, s = params, tx.init(params)
+  assert "pinned_host" in _kinds(s) and all(x.committed for x in jax.tree.leaves(s))
+  compiles, listening = [], [True]
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, *_, **__: compiles.append(event)
+      if listening and event == "/jax/core/compile/backend_compile_duration" else None)
+  try:
+    for g in grads:
+      p, s = step(p, s, g)
+    jax.block_until_ready(s)
+  finally:
+    listening.clear()
+  assert len(compiles) == 1
 
 
 def test_orbax_round_trip_restores_bits_and_memory_kinds(tmp_path):
