@@ -18,6 +18,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from optax_paged import quantization as qz
 
@@ -81,12 +82,15 @@ def _zip(template, source, fn, target):
 
 
 def _params_like(state):
-  """A params-shaped tree found in a state: its first moment field."""
+  """A params-shaped tree found in a state: its first moment fields.
+
+  Under ``optax.multi_transform`` each group's moments hold ``MaskedNode``
+  where another group's parameters are: the moments of all groups are merged,
+  each parameter taken from the first group that has it.
+  """
   found = []
 
   def visit(node):
-    if found:
-      return
     if isinstance(node, tuple) and hasattr(node, "_fields"):
       for name in ("mu", "m1", "trace", "nu", "sum_of_squares"):
         if name in node._fields:
@@ -102,7 +106,13 @@ def _params_like(state):
   visit(state)
   if not found:
     raise ValueError("Cannot find the parameters' shapes in this state: pass params=.")
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), found[0])
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  try:
+    merged = jax.tree.map(lambda *xs: next((x for x in xs if not masked(x)), xs[0]), *found,
+                          is_leaf=masked)
+  except ValueError:  # moments of different structures: the first one's
+    merged = found[0]
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), merged)
 
 
 def dequantize_state(state, tx=None, params=None):

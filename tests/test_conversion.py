@@ -165,3 +165,16 @@ def test_dequantized_state_takes_the_target_state_dtypes():
   dtypes = lambda s: jax.tree.map(lambda x: jnp.dtype(x.dtype), s)  # noqa: E731
   assert dtypes(back) == dtypes(twin)
   optax.adamw(1e-3).update(params, back, params)  # and optax takes it
+
+
+def test_multi_transform_groups_convert_without_params():
+  """Each group's moments hold MaskedNode for the other groups' parameters:
+  the shapes come from all groups (once only from the first, which failed)."""
+  labels = {"w": "a", "odd": "b", "b": "b"}
+  tx8 = optax.multi_transform({"a": op.adamw_8bit(1e-3), "b": op.lion_8bit(1e-4)}, labels)
+  tx32 = optax.multi_transform({"a": optax.adamw(1e-3), "b": optax.lion(1e-4)}, labels)
+  _, s8 = _train(tx8, tx8.init(PARAMS), 3)
+  chex.assert_trees_all_equal(op.dequantize_state(s8, tx32),
+                              op.dequantize_state(s8, tx32, params=PARAMS))
+  _, s32 = _train(tx32, tx32.init(PARAMS), 3)
+  chex.assert_trees_all_equal(op.quantize_state(s32, tx8), op.quantize_state(s32, tx8, params=PARAMS))
