@@ -23,6 +23,19 @@ def _check_learning_rate(learning_rate):
   check_hyperparam("learning_rate", learning_rate, 0.0)
 
 
+def _check_no_dtype(name, value):
+  """``mu_dtype`` / ``accumulator_dtype``: only ``None`` (the moments are codes).
+
+  The argument is there so that optax's positional order holds: passed
+  positionally as in ``optax.adamw(lr, b1, b2, eps, eps_root, None, 1e-2)``,
+  the arguments after it mean what they mean in optax.
+  """
+  if value is not None:
+    raise ValueError(
+        f"{name}={value!r}: 8-bit optimizers store their moments as 8-bit codes, so only "
+        f"{name}=None is accepted (it keeps optax's argument order).")
+
+
 def _extras(block_size, min_8bit_size, quantize_mask, backend) -> dict:
   return dict(block_size=block_size, min_8bit_size=min_8bit_size,
               quantize_mask=quantize_mask, backend=backend)
@@ -35,6 +48,7 @@ def adam_8bit(
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
+    mu_dtype=None,
     *,
     nesterov: bool = False,
     block_size: int | None = None,
@@ -50,6 +64,8 @@ def adam_8bit(
     b2: decay of the second moment.
     eps: term added to the denominator outside the square root.
     eps_root: term added to the second moment inside the square root.
+    mu_dtype: only ``None`` (the moments are 8-bit codes); kept so that
+      positional arguments line up with optax's.
     nesterov: use Nesterov momentum (NAdam), as in ``optax.adam``.
 {extras}
 
@@ -62,6 +78,7 @@ def adam_8bit(
     <https://arxiv.org/abs/2110.02861>`_, 2022.
   """
   _check_learning_rate(learning_rate)
+  _check_no_dtype("mu_dtype", mu_dtype)
   return optax.chain(
       transform.scale_by_adam_8bit(
           b1, b2, eps, eps_root, nesterov=nesterov, **_extras(block_size, min_8bit_size, quantize_mask, backend)),
@@ -76,6 +93,7 @@ def adamw_8bit(
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
+    mu_dtype=None,
     weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask=None,
     *,
@@ -93,6 +111,8 @@ def adamw_8bit(
     b2: decay of the second moment.
     eps: term added to the denominator outside the square root.
     eps_root: term added to the second moment inside the square root.
+    mu_dtype: only ``None`` (the moments are 8-bit codes); kept so that
+      positional arguments line up with optax's.
     nesterov: use Nesterov momentum (NAdam), as in ``optax.adam``.
     weight_decay: decoupled weight decay strength (float or schedule).
     mask: which parameters get weight decay, as in ``optax.adamw``.
@@ -108,6 +128,7 @@ def adamw_8bit(
     <https://arxiv.org/abs/2110.02861>`_, 2022.
   """
   _check_learning_rate(learning_rate)
+  _check_no_dtype("mu_dtype", mu_dtype)
   check_hyperparam("weight_decay", weight_decay, 0.0)
   return optax.chain(
       transform.scale_by_adam_8bit(
@@ -122,6 +143,7 @@ def lion_8bit(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
     b2: float = 0.99,
+    mu_dtype=None,
     weight_decay: optax.ScalarOrSchedule = 1e-3,
     mask=None,
     *,
@@ -136,6 +158,8 @@ def lion_8bit(
     learning_rate: a non-negative float or an ``optax`` schedule.
     b1: interpolation weight of the momentum in the update's sign.
     b2: decay of the momentum.
+    mu_dtype: only ``None`` (the moments are 8-bit codes); kept so that
+      positional arguments line up with optax's.
     weight_decay: decoupled weight decay strength.
     mask: which parameters get weight decay.
 {extras}
@@ -148,6 +172,7 @@ def lion_8bit(
     <https://arxiv.org/abs/2302.06675>`_, 2023.
   """
   _check_learning_rate(learning_rate)
+  _check_no_dtype("mu_dtype", mu_dtype)
   check_hyperparam("weight_decay", weight_decay, 0.0)
   return optax.chain(
       transform.scale_by_lion_8bit(
@@ -162,6 +187,7 @@ def sgd_8bit(
     learning_rate: optax.ScalarOrSchedule,
     momentum: float | None = None,
     nesterov: bool = False,
+    accumulator_dtype=None,
     *,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
@@ -176,6 +202,8 @@ def sgd_8bit(
     learning_rate: a non-negative float or an ``optax`` schedule.
     momentum: momentum coefficient, or ``None`` for plain SGD.
     nesterov: Nesterov momentum.
+    accumulator_dtype: only ``None`` (the trace is 8-bit codes), as optax's
+      ``sgd`` takes it.
 {extras}
 
   Returns:
@@ -186,6 +214,7 @@ def sgd_8bit(
     deep learning <https://proceedings.mlr.press/v28/sutskever13.html>`_, 2013.
   """
   _check_learning_rate(learning_rate)
+  _check_no_dtype("accumulator_dtype", accumulator_dtype)
   inner = optax.identity() if momentum is None else transform.trace_8bit(
       momentum, nesterov, **_extras(block_size, min_8bit_size, quantize_mask, backend))
   return optax.chain(inner, optax.scale_by_learning_rate(learning_rate))
@@ -288,6 +317,7 @@ def ademamix_8bit(
     alpha: optax.ScalarOrSchedule = 5.0,
     eps: float = 1e-8,
     eps_root: float = 0.0,
+    mu_dtype=None,
     weight_decay: float = 0.0,
     mask=None,
     *,
@@ -305,6 +335,8 @@ def ademamix_8bit(
   Args:
     learning_rate: a non-negative float or an ``optax`` schedule.
     b1, b2, b3, alpha, eps, eps_root: as in ``optax.contrib.ademamix``.
+    mu_dtype: only ``None`` (the moments are 8-bit codes); kept so that
+      positional arguments line up with optax's.
     weight_decay: decoupled weight decay strength.
     mask: which parameters get weight decay.
 {extras}
@@ -317,6 +349,7 @@ def ademamix_8bit(
     <https://arxiv.org/abs/2409.03137>`_, 2024.
   """
   _check_learning_rate(learning_rate)
+  _check_no_dtype("mu_dtype", mu_dtype)
   check_hyperparam("weight_decay", weight_decay, 0.0)
   return optax.chain(
       transform.scale_by_ademamix_8bit(

@@ -316,6 +316,33 @@ def test_defaults_are_optax_defaults(ours, twin):
     assert mine[n].default == theirs[n].default, (ours.__name__, n, mine[n].default, theirs[n].default)
 
 
+ALIAS_TWINS = {ours: twin for ours, twin in TWINS.items() if ours.__module__ == "optax_paged.alias"}
+
+
+@pytest.mark.parametrize("ours, twin", ALIAS_TWINS.items(), ids=lambda f: getattr(f, "__name__", ""))
+def test_positional_arguments_line_up_with_optax(ours, twin):
+  """Code written for optax with positional arguments means the same here:
+  mu_dtype / accumulator_dtype keep their places (only None is accepted)."""
+  import inspect
+  positional = lambda f: [n for n, p in inspect.signature(f).parameters.items()
+                          if p.kind == p.POSITIONAL_OR_KEYWORD]
+  assert positional(ours)[:len(positional(twin))] == positional(twin)
+  for name in ("mu_dtype", "accumulator_dtype"):
+    if name in positional(ours):
+      with pytest.raises(ValueError, match=f"only {name}=None"):
+        ours(1e-3, **{name: jnp.bfloat16}, **_momentum_kwargs(ours.__name__))
+
+
+def test_positional_weight_decay_after_mu_dtype():
+  params = {"w": jnp.ones((64, 512))}
+  grads = jax.tree.map(lambda p: p * 0.1, params)
+  positional = op.adamw_8bit(1e-2, 0.9, 0.999, 1e-8, 0.0, None, 0.5)
+  keyword = op.adamw_8bit(1e-2, weight_decay=0.5)
+  u = positional.update(grads, positional.init(params), params)[0]
+  v = keyword.update(grads, keyword.init(params), params)[0]
+  chex.assert_trees_all_equal(u, v)
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda: op.ademamix_8bit(1e-3, alpha=float("nan")), "alpha must be finite"),
     (lambda: op.ademamix_8bit(1e-3, alpha=-1.0), "alpha must be >= 0"),
