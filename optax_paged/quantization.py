@@ -91,8 +91,63 @@ def absmax_shape(shape, block_size: int) -> tuple[int, ...]:
   return blocked_shape(shape, block_size)[:-1]
 
 
+def _layout_problem(shape, mesh, spec, block_size: int, axes) -> str | None:
+  """Why blocks of ``shape`` sharded as ``spec`` over mesh ``axes`` straddle shards, or None."""
+  def parts(entry):
+    names = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh.shape[n] for n in names if n in axes)
+
+  counts = [parts(e) for e in spec] + [1] * (len(shape) - len(spec))
+  if all(c == 1 for c in counts):
+    return None
+  if not blocks_along_last_axis(shape, block_size):
+    return (f"its blocks run over the flattened array (last axis {shape[-1]} is not a "
+            f"multiple of block_size={block_size}), which a sharded array is not reshaped into")
+  if (shape[-1] // counts[-1]) % block_size:
+    return (f"each shard of its last axis holds {shape[-1] // counts[-1]} elements, not a "
+            f"multiple of block_size={block_size}")
+  return None
+
+
+def explicit_sharding_problem(x, block_size: int) -> str | None:
+  """Why ``x``'s sharding over explicit mesh axes cannot hold whole blocks, or None.
+
+  Blocks must not straddle shards: they lie along the last axis, and each
+  shard of that axis holds whole blocks. Under automatic axes XLA reshards
+  instead (correct, with the state replicated: see :func:`sharding_problem`);
+  explicit axes refuse.
+  """
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
+  explicit = set(getattr(mesh, "explicit_axes", None) or ())
+  if not explicit or spec is None:
+    return None
+  return _layout_problem(x.shape, mesh, spec, block_size, explicit)
+
+
+def sharding_problem(x, block_size: int) -> str | None:
+  """:func:`explicit_sharding_problem` for a concrete array, over all its mesh axes."""
+  sharding = getattr(x, "sharding", None)
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return None
+  return _layout_problem(x.shape, sharding.mesh, sharding.spec, block_size,
+                         set(sharding.mesh.axis_names))
+
+
+SHARDING_ADVICE = ("Shard it so that each shard's last axis is a multiple of the block size "
+                   "(e.g. along the first axis, when the last one is), choose a block_size that "
+                   "divides it, replicate it, or keep it in float32 (quantize_mask, "
+                   "min_8bit_size).")
+
+
 def to_blocks(x: jax.Array, block_size: int, pad_value=0) -> jax.Array:
   """Reshapes ``x`` to its blocked view, padding the last block with ``pad_value``."""
+  problem = explicit_sharding_problem(x, block_size)
+  if problem:
+    raise ValueError(
+        f"An array of shape {tuple(x.shape)} sharded as {jax.typeof(x).sharding.spec} over "
+        f"explicit mesh axes cannot be quantized in blocks of {block_size}: {problem}. "
+        + SHARDING_ADVICE)
   shape = blocked_shape(x.shape, block_size)
   if blocks_along_last_axis(x.shape, block_size):
     return x.reshape(shape)

@@ -182,7 +182,7 @@ def _check_leaf_dtype(path, leaf):
     )
 
 
-def _check_leaf(path, grad, moment, absmax, *, block_size) -> bool:
+def _check_leaf(path, grad, moment, absmax, *, block_size, pallas=False) -> bool:
   """Checks a gradient leaf against its state; returns whether the leaf is 8-bit.
 
   Which leaves are 8-bit: ``init`` decided on the parameters' (global)
@@ -201,8 +201,9 @@ def _check_leaf(path, grad, moment, absmax, *, block_size) -> bool:
   refused rather than quantized differently from the same update outside.
   Replicated leaves (``P()``, ``pmap``'s data parallelism) are whole arrays
   and always fine. Whether a leaf is sharded is read from its varying manual
-  axes, which ``shard_map(check_vma=False)`` does not track: there, shard
-  such leaves only along their first axis.
+  axes, which ``shard_map(check_vma=False)`` does not track: there a sharded
+  leaf with blocks over the flattened array is right only when every shard
+  holds whole blocks (its element count a multiple of the block size).
   """
   name = jax.tree_util.keystr(path) or "<root>"
   if jnp.shape(grad) != jnp.shape(moment):
@@ -212,9 +213,22 @@ def _check_leaf(path, grad, moment, absmax, *, block_size) -> bool:
         f"parameter of shape {tuple(jnp.shape(moment))}.")
   if jnp.dtype(moment.dtype) != jnp.uint8:
     return False
+  _check_explicit_sharding(name, grad, block_size)
   manual = bool(jax.sharding.get_abstract_mesh().manual_axes)
   varying = manual and bool(
       getattr(getattr(jax.typeof(absmax), "manual_axis_type", None), "varying", ()))
+  mesh = getattr(getattr(jax.typeof(grad), "sharding", None), "mesh", None)
+  if pallas and getattr(mesh, "explicit_axes", None) and getattr(mesh, "size", 1) > 1:
+    raise ValueError(
+        f"backend='pallas' cannot update the 8-bit leaf at {name}: it is typed with a mesh "
+        "of explicit axes, and a Pallas call is not split over devices. Use backend='auto' "
+        "or 'xla' (shards stay local), or call the update inside jax.shard_map(..., "
+        "check_vma=False) or jax.pmap.")
+  if varying and pallas:
+    raise ValueError(
+        f"backend='pallas' cannot update the 8-bit leaf at {name} inside shard_map: it is "
+        "sharded, and a Pallas call there needs check_vma=False (jax.shard_map(..., "
+        "check_vma=False)) or jax.pmap. Or use backend='auto' or 'xla'.")
   if varying and not qz.blocks_along_last_axis(grad.shape, block_size):
     raise ValueError(
         f"Inside shard_map the 8-bit leaf at {name} is sharded, with a shard of "
@@ -232,6 +246,15 @@ def _check_leaf(path, grad, moment, absmax, *, block_size) -> bool:
         f"{tuple(grad.shape)} in blocks of {block_size} needs {tuple(expected)}"
         f"{where}: was the state built with another block_size?")
   return True
+
+
+def _check_explicit_sharding(name, x, block_size):
+  problem = qz.explicit_sharding_problem(x, block_size)
+  if problem:
+    raise ValueError(
+        f"The 8-bit leaf at {name} (shape {tuple(x.shape)}) is sharded as "
+        f"{jax.typeof(x).sharding.spec} over explicit mesh axes, but {problem}. "
+        + qz.SHARDING_ADVICE)
 
 
 def _quantize_flags(tree, min_8bit_size: int, quantize_mask: QuantizeMask):
@@ -415,10 +438,20 @@ def scale_by_rule_8bit(
         scales = tuple(
             _zeros_absmax(p, block_size) + jnp.asarray(m.init, jnp.float32) for m in moments
         )
+        if isinstance(p, jax.Array) and not isinstance(p, jax.core.Tracer) and qz.sharding_problem(
+            p, block_size):
+          # Blocks that do not fit the parameter's shards: XLA reshards the
+          # update and returns the state replicated, so start replicated (one
+          # compile, no resharding after the first step).
+          replicated = jax.sharding.NamedSharding(p.sharding.mesh, jax.sharding.PartitionSpec())
+          return tuple(jax.device_put(x, replicated) for x in codes + scales)
         return codes + scales
       inits = tuple(jnp.full_like(p, m.init, dtype=jnp.float32) for m in moments)
       return inits + (None,) * len(signed)
 
+    jax.tree_util.tree_map_with_path(
+        lambda path, p, flag: flag and _check_explicit_sharding(
+            jax.tree_util.keystr(path) or "<root>", p, block_size), params, flags)
     per_leaf = jax.tree.map(leaf_state, params, flags)
     fields = _unzip(params, per_leaf, 2 * len(signed))
     return state_cls(
@@ -435,11 +468,10 @@ def scale_by_rule_8bit(
     moment_trees = [getattr(state, n) for n in names]
     absmax_trees = [getattr(state, n + "_absmax") for n in names]
     k = len(names)
-    flags = jax.tree_util.tree_map_with_path(
-        functools.partial(_check_leaf, block_size=block_size),
-        updates, moment_trees[0], absmax_trees[0])
-
     pallas, interpret = backend_lib.use_pallas(backend)
+    flags = jax.tree_util.tree_map_with_path(
+        functools.partial(_check_leaf, block_size=block_size, pallas=pallas),
+        updates, moment_trees[0], absmax_trees[0])
 
     def leaf_update(g, flag, *leaf_state):
       mom, scales = leaf_state[:k], leaf_state[k:]
@@ -488,7 +520,12 @@ def _zeros_absmax(p, block_size):
     try:
       return jax.device_put(zeros, sharding)
     except ValueError:
-      return zeros
+      pass
+  if isinstance(p, jax.Array) and not isinstance(p, jax.core.Tracer) and isinstance(
+      sharding, jax.sharding.NamedSharding):
+    # Otherwise replicated over the parameter's mesh (not left on one device,
+    # which a jit over the mesh, or paging it to host memory, would reject).
+    return jax.device_put(zeros, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
   return zeros
 
 

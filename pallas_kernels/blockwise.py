@@ -109,7 +109,7 @@ def _tiled_call(kernel, args, tiled, out_shape, aliases, rows, platform, interpr
     the outputs, with as many rows as the tiled arguments.
   """
   n = next(a.shape[0] for a, t in zip(args, tiled) if t)
-  out_shape = list(out_shape)
+  out_shape = _varying_like([a for a, t in zip(args, tiled) if t], list(out_shape))
   if n == 0:
     return [jnp.zeros(o.shape, o.dtype) for o in out_shape]
 
@@ -153,6 +153,21 @@ def _tiled_call(kernel, args, tiled, out_shape, aliases, rows, platform, interpr
     outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
     done += count * r
   return outs
+
+
+def _varying_like(inputs, out_shape):
+  """Inside ``shard_map`` (``check_vma=True``): outputs typed like the inputs.
+
+  ``pallas_call`` needs to be told over which manual axes its outputs vary.
+  Only inputs that vary over none are supported (replicated leaves):
+  :func:`optax_paged.transform` refuses sharded ones before the call.
+  """
+  if not jax.sharding.get_abstract_mesh().manual_axes:
+    return out_shape
+  mats = [getattr(jax.typeof(a), "manual_axis_type", None) for a in inputs]
+  if not mats or any(m is None for m in mats):
+    return out_shape
+  return [jax.ShapeDtypeStruct(o.shape, o.dtype, manual_axis_type=mats[0]) for o in out_shape]
 
 
 def _drop_refs(kernel, start, count, *refs):

@@ -171,6 +171,78 @@ def check_shard_map():
   return report
 
 
+def check_layouts():
+  """Leaves whose blocks do not fit their shards (a 768-wide last axis in 8
+  shards of 96; a 100-wide one, blocks over the flattened array).
+
+  Explicit axes: refused at init with an error naming the leaf. Automatic
+  axes: the state starts replicated (XLA would return it so after the first
+  step), the update equals the unsharded one, and paging works.
+  """
+  report = {}
+  for name, shape, spec in (("col768", (1024, 768), P(None, "x")), ("flat", (512, 100), P("x", None))):
+    explicit = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,))
+    p = jax.device_put(jnp.ones(shape), NamedSharding(explicit, spec))
+    try:
+      op.adamw_8bit(1e-3).init({"w": p})
+      report[f"explicit_{name}"] = "no error"
+    except ValueError as e:
+      report[f"explicit_{name}"] = str(e)
+    auto = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+    params = {"w": jax.device_put(jax.random.normal(jax.random.PRNGKey(0), shape), NamedSharding(auto, spec))}
+    grads = {"w": jax.device_put(jax.random.normal(jax.random.PRNGKey(1), shape), NamedSharding(auto, spec))}
+    out = {}
+    for opt in ("adamw_8bit", "paged_adamw_8bit"):
+      tx = op.create(opt, 1e-3)
+      state = tx.init(params)
+      specs = [x.sharding.spec for x in jax.tree.leaves(state) if x.ndim]
+      u, s = jax.jit(tx.update)(grads, state, params)
+      ref_tx = op.adamw_8bit(1e-3)
+      u0, _ = jax.jit(ref_tx.update)(jax.device_get(grads), ref_tx.init(jax.device_get(params)),
+                                     jax.device_get(params))
+      out[opt] = {
+          "init_replicated": all(sp == P() for sp in specs),
+          "equal_unsharded": bool(np.allclose(np.asarray(u["w"]), np.asarray(u0["w"]), rtol=1e-6,
+                                              atol=1e-6 * float(np.abs(u0["w"]).max()))),
+      }
+    report[f"auto_{name}"] = out
+  return report
+
+
+def check_pallas():
+  """backend="pallas" (interpret mode here) with several devices: inside
+  shard_map(check_vma=False) and on replicated leaves it equals XLA; a sharded
+  leaf under check_vma=True, or one typed with explicit mesh axes, is refused
+  with an error that says what works."""
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+  params = jax.random.normal(jax.random.PRNGKey(0), (16, 2048))
+  grads = jax.random.normal(jax.random.PRNGKey(1), (16, 2048))
+  report = {}
+  xla = op.adamw_8bit(1e-3, backend="xla")
+  ref = xla.update(grads, xla.init(params), params)
+  tx = op.adamw_8bit(1e-3, backend="pallas")
+  state = tx.init(params)
+  sharded = jax.tree.map(lambda x: P("x") if x.ndim else P(), state)
+  for name, specs, vma in (("sharded_vma", (P("x"), sharded, P("x")), True),
+                           ("sharded_no_vma", (P("x"), sharded, P("x")), False),
+                           ("replicated_vma", (P(), P(), P()), True)):
+    try:
+      out = jax.jit(jax.shard_map(tx.update, mesh=mesh, in_specs=specs, out_specs=specs[:2],
+                                  check_vma=vma))(grads, state, params)
+      report[name] = {"equal_xla": all(np.allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+                                       for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)))}
+    except ValueError as e:
+      report[name] = {"error": str(e)}
+  explicit = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,))
+  p = jax.device_put(params, NamedSharding(explicit, P("x", None)))
+  try:
+    jax.jit(tx.update)(p, tx.init(p), p)
+    report["explicit"] = {"error": "no error"}
+  except ValueError as e:
+    report["explicit"] = {"error": str(e)}
+  return report
+
+
 def main():
   assert len(jax.devices()) == 8, jax.devices()
   print(json.dumps({
@@ -179,6 +251,8 @@ def main():
       "paged_explicit": check_paged(AxisType.Explicit),
       "paged_auto": check_paged(AxisType.Auto),
       "shard_map": check_shard_map(),
+      "layouts": check_layouts(),
+      "pallas": check_pallas(),
   }))
 
 

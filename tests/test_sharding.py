@@ -100,3 +100,19 @@ def test_blocks_over_the_flattened_array_are_refused_inside_shard_map(report):
 
 def test_replicated_leaves_with_flattened_blocks_work_under_shard_map_and_pmap(report):
   assert report["shard_map"]["replicated_flat_blocks"] == {"shard_map_equal": True, "pmap_equal": True}
+
+
+@pytest.mark.parametrize("layout", ["col768", "flat"])
+def test_blocks_that_do_not_fit_the_shards(report, layout):
+  """Explicit axes: a clear error at init; automatic axes: replicated state, right updates, paging works."""
+  error = report["layouts"][f"explicit_{layout}"]
+  assert "over explicit mesh axes" in error and "['w']" in error, error
+  for opt, result in report["layouts"][f"auto_{layout}"].items():
+    assert result == {"init_replicated": True, "equal_unsharded": True}, (opt, result)
+
+
+def test_pallas_backend_with_several_devices(report):
+  r = report["pallas"]
+  assert r["sharded_no_vma"] == {"equal_xla": True} and r["replicated_vma"] == {"equal_xla": True}, r
+  assert "check_vma=False" in r["sharded_vma"].get("error", ""), r
+  assert "explicit axes" in r["explicit"]["error"] and "backend='auto'" in r["explicit"]["error"], r
