@@ -488,6 +488,24 @@ def _plan_pages(templates: _Templates, full_paths, offloaded, page_bytes, owned)
   return plans
 
 
+def _sharded(x) -> bool:
+  """Whether ``x`` is sharded over several devices, as far as its type says.
+
+  Such a leaf is paged whole, not streamed: slicing row pages out of a
+  sharded array fails on explicit mesh axes and gathers it on automatic ones
+  (where tracers do not show their sharding: README).
+  """
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  if sharding is None or isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+    sharding = getattr(x, "sharding", sharding)
+  spec = getattr(sharding, "spec", None)
+  mesh = getattr(sharding, "mesh", None)
+  if not spec or getattr(mesh, "size", 1) <= 1 or all(e is None for e in spec):
+    return False
+  _warn_once("stream-sharded", "A sharded parameter's state is paged whole, not streamed in pages.")
+  return True
+
+
 def _fit_pages(j, total_rows, rows, owned, full_paths, template):
   """A page size from ``rows`` up whose state slices tile the full state exactly."""
 
@@ -558,7 +576,8 @@ def _split_update(tx, updates, state, params, extra_args, where, page_bytes, pre
   if owned is None:
     return _whole_update(tx, updates, state, params, extra_args)
   plans = {} if page_bytes is None else {
-      p.index: p for p in _plan_pages(templates, full, offloaded, page_bytes, owned)}
+      p.index: p for p in _plan_pages(templates, full, offloaded, page_bytes, owned)
+      if not _sharded(u_leaves[p.index])}
   groups = [j for j in _with_offloaded_state(owned, offloaded)
             if prefetch is not None or j in plans]
   if not groups:

@@ -209,6 +209,26 @@ def check_layouts():
   return report
 
 
+def check_streaming():
+  """page_bytes with a sharded parameter (explicit axes): paged whole, with a
+  warning, equal to whole-leaf paging (slicing pages out of it failed)."""
+  import warnings
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,))
+  p = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (512, 2048)), NamedSharding(mesh, P(None, "x")))
+  out = []
+  for page_bytes in (200_000, None):
+    tx = op.paged_adamw_8bit(1e-3, policy=op.OffloadPolicy(min_size=1000, page_bytes=page_bytes))
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      u, s = jax.jit(lambda p, s, g: tx.update(g, s, p))(p, tx.init(p), p)
+    out.append((u, s, [str(w.message) for w in caught]))
+  return {
+      "equal": all(np.array_equal(np.asarray(a), np.asarray(b))
+                   for a, b in zip(jax.tree.leaves(out[0][:2]), jax.tree.leaves(out[1][:2]))),
+      "warned": any("paged whole" in m for m in out[0][2]),
+  }
+
+
 def check_pallas():
   """backend="pallas" (interpret mode here) with several devices: inside
   shard_map(check_vma=False) and on replicated leaves it equals XLA; a sharded
@@ -253,6 +273,7 @@ def main():
       "shard_map": check_shard_map(),
       "layouts": check_layouts(),
       "pallas": check_pallas(),
+      "streaming": check_streaming(),
   }))
 
 

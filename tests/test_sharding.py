@@ -116,3 +116,7 @@ def test_pallas_backend_with_several_devices(report):
   assert r["sharded_no_vma"] == {"equal_xla": True} and r["replicated_vma"] == {"equal_xla": True}, r
   assert "check_vma=False" in r["sharded_vma"].get("error", ""), r
   assert "explicit axes" in r["explicit"]["error"] and "backend='auto'" in r["explicit"]["error"], r
+
+
+def test_streaming_a_sharded_parameter_pages_it_whole(report):
+  assert report["streaming"] == {"equal": True, "warned": True}, report["streaming"]
