@@ -507,6 +507,12 @@ def _is_zero(x) -> bool:
 
 def _zeros_absmax(p, block_size):
   shape = qz.absmax_shape(p.shape, block_size)
+  typed = getattr(jax.typeof(p), "sharding", None)
+  if (isinstance(p, jax.core.Tracer) and getattr(getattr(typed, "mesh", None), "explicit_axes", None)
+      and len(shape) == p.ndim):
+    # Inside jit on explicit mesh axes: the parameter's type carries its
+    # sharding, and init checked that whole blocks fit its shards.
+    return jnp.zeros(shape, jnp.float32, out_sharding=typed)
   zeros = jnp.zeros(shape, jnp.float32)
   sharding = getattr(p, "sharding", None)
   if (

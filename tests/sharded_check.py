@@ -209,6 +209,19 @@ def check_layouts():
   return report
 
 
+def check_jitted_init():
+  """jit(tx.init) on explicit axes: block scales sharded like the parameter,
+  as with eager init (they came out replicated, and the step compiled twice)."""
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,))
+  p = jax.device_put(jnp.ones((64, 2048)), NamedSharding(mesh, P(None, "x")))
+  tx = op.adamw_8bit(1e-3)
+  with jax.set_mesh(mesh):
+    jitted = jax.jit(tx.init)(p)
+  eager = tx.init(p)
+  return [str(x.sharding.spec) for x in jax.tree.leaves(jitted) if x.ndim] == [
+      str(x.sharding.spec) for x in jax.tree.leaves(eager) if x.ndim]
+
+
 def check_streaming():
   """page_bytes with a sharded parameter (explicit axes): paged whole, with a
   warning, equal to whole-leaf paging (slicing pages out of it failed)."""
@@ -274,6 +287,7 @@ def main():
       "layouts": check_layouts(),
       "pallas": check_pallas(),
       "streaming": check_streaming(),
+      "jitted_init": check_jitted_init(),
   }))
 
 

@@ -120,3 +120,7 @@ def test_pallas_backend_with_several_devices(report):
 
 def test_streaming_a_sharded_parameter_pages_it_whole(report):
   assert report["streaming"] == {"equal": True, "warned": True}, report["streaming"]
+
+
+def test_jitted_init_shards_scales_like_eager_init(report):
+  assert report["jitted_init"] is True
