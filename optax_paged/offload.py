@@ -495,9 +495,8 @@ def _sharded(x) -> bool:
   sharded array fails on explicit mesh axes and gathers it on automatic ones
   (where tracers do not show their sharding: README).
   """
-  sharding = getattr(jax.typeof(x), "sharding", None)
-  if sharding is None or isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-    sharding = getattr(x, "sharding", sharding)
+  concrete = isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+  sharding = x.sharding if concrete else getattr(jax.typeof(x), "sharding", None)
   spec = getattr(sharding, "spec", None)
   mesh = getattr(sharding, "mesh", None)
   if not spec or getattr(mesh, "size", 1) <= 1 or all(e is None for e in spec):

@@ -449,9 +449,9 @@ def scale_by_rule_8bit(
       inits = tuple(jnp.full_like(p, m.init, dtype=jnp.float32) for m in moments)
       return inits + (None,) * len(signed)
 
-    jax.tree_util.tree_map_with_path(
-        lambda path, p, flag: flag and _check_explicit_sharding(
-            jax.tree_util.keystr(path) or "<root>", p, block_size), params, flags)
+    for (path, p), flag in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(flags)):
+      if flag:
+        _check_explicit_sharding(jax.tree_util.keystr(path) or "<root>", p, block_size)
     per_leaf = jax.tree.map(leaf_state, params, flags)
     fields = _unzip(params, per_leaf, 2 * len(signed))
     return state_cls(
