@@ -213,7 +213,6 @@ def _check_leaf(path, grad, moment, absmax, *, block_size, pallas=False) -> bool
         f"parameter of shape {tuple(jnp.shape(moment))}.")
   if jnp.dtype(moment.dtype) != jnp.uint8:
     return False
-  _check_explicit_sharding(name, grad, block_size)
   manual = bool(jax.sharding.get_abstract_mesh().manual_axes)
   varying = manual and bool(
       getattr(getattr(jax.typeof(absmax), "manual_axis_type", None), "varying", ()))
@@ -438,13 +437,12 @@ def scale_by_rule_8bit(
         scales = tuple(
             _zeros_absmax(p, block_size) + jnp.asarray(m.init, jnp.float32) for m in moments
         )
-        if isinstance(p, jax.Array) and not isinstance(p, jax.core.Tracer) and qz.sharding_problem(
-            p, block_size):
+        sharding = _concrete_named_sharding(p)
+        if sharding is not None and qz.sharding_problem(p, block_size):
           # Blocks that do not fit the parameter's shards: XLA reshards the
-          # update and returns the state replicated, so start replicated (one
-          # compile, no resharding after the first step).
-          replicated = jax.sharding.NamedSharding(p.sharding.mesh, jax.sharding.PartitionSpec())
-          return tuple(jax.device_put(x, replicated) for x in codes + scales)
+          # update and returns the state replicated, so the codes start
+          # replicated like the scales (one compile, no resharding later).
+          codes = tuple(jax.device_put(c, _replicated(sharding)) for c in codes)
         return codes + scales
       inits = tuple(jnp.full_like(p, m.init, dtype=jnp.float32) for m in moments)
       return inits + (None,) * len(signed)
@@ -514,25 +512,26 @@ def _zeros_absmax(p, block_size):
     # sharding, and init checked that whole blocks fit its shards.
     return jnp.zeros(shape, jnp.float32, out_sharding=typed)
   zeros = jnp.zeros(shape, jnp.float32)
+  sharding = _concrete_named_sharding(p)
+  if sharding is None:
+    return zeros
+  if len(shape) == p.ndim and not qz.sharding_problem(p, block_size):
+    # Blocks along the last axis, whole in every shard: the parameter's spec.
+    return jax.device_put(zeros, sharding)
+  # Otherwise replicated over the parameter's mesh (not left on one device,
+  # which a jit over the mesh, or paging it to host memory, would reject).
+  return jax.device_put(zeros, _replicated(sharding))
+
+
+def _concrete_named_sharding(p):
+  """``p``'s ``NamedSharding`` if it is a concrete array with one, else None."""
   sharding = getattr(p, "sharding", None)
-  if (
-      isinstance(p, jax.Array)
-      and not isinstance(p, jax.core.Tracer)
-      and isinstance(sharding, jax.sharding.NamedSharding)
-      and len(shape) == p.ndim
-  ):
-    # Same rank as the parameter: the same partition spec applies when the
-    # block count divides the way the last axis does.
-    try:
-      return jax.device_put(zeros, sharding)
-    except ValueError:
-      pass
-  if isinstance(p, jax.Array) and not isinstance(p, jax.core.Tracer) and isinstance(
-      sharding, jax.sharding.NamedSharding):
-    # Otherwise replicated over the parameter's mesh (not left on one device,
-    # which a jit over the mesh, or paging it to host memory, would reject).
-    return jax.device_put(zeros, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
-  return zeros
+  concrete = isinstance(p, jax.Array) and not isinstance(p, jax.core.Tracer)
+  return sharding if concrete and isinstance(sharding, jax.sharding.NamedSharding) else None
+
+
+def _replicated(sharding):
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
 
 
 def _unzip(template, tree_of_tuples, n):
