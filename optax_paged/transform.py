@@ -19,12 +19,15 @@ from the parameters' (global) shapes; ``update`` follows that choice as it
 shows in the state's arrays (``uint8`` codes), so it holds inside
 ``shard_map``, where a leaf's shard may be smaller than ``min_8bit_size``.
 
-Non-finite values: if an element's gradient, or one of its updated moments,
-is not finite, that element keeps its previous moments (re-encoded with the
-block's new scale) and its update is NaN, so the parameter shows the problem
-as it would with ``optax.adam``; every other element of the block is updated
-exactly as if the bad element were absent from the block maximum. Wrap with
-``optax.apply_if_finite`` to skip such steps instead.
+Non-finite values: if an element's gradient is not finite, or so large that
+its square overflows float32 (``|g| >= 2**64``, about 1.8e19, where Adam's
+second moment would become infinite), that element keeps all its previous
+moments (re-encoded with the block's new scale) and its update is NaN, so the
+parameter shows the problem as it would with ``optax.adam``; every other
+element of the block is updated exactly as if the bad element were absent
+from the block maximum. A moment that overflows on its own (values near the
+float32 maximum, ~3.4e38) keeps its previous value, and the update is NaN.
+Wrap with ``optax.apply_if_finite`` to skip such steps instead.
 
 References:
   Dettmers et al., `8-bit Optimizers via Block-wise Quantization
@@ -280,13 +283,17 @@ def _quantize_flags(tree, min_8bit_size: int, quantize_mask: QuantizeMask):
 def _guard_nonfinite(grad, old, new, direction):
   """Keeps old moments and returns a NaN direction where values are not finite.
 
-  Each moment is guarded on its own (the gradient and that moment), so that
+  Each moment is guarded by the gradient and that moment only, so that
   computing one moment never needs the others: on the XLA path each output
   is a separate fusion, and this keeps each one reading only what it needs.
+  The gradient's test is that its square is finite: a finite gradient whose
+  square overflows (``|g| >= 2**64``) would leave a first moment updated and
+  the second one kept, and the huge first moment would become its block's
+  scale; this way every moment of that element is kept.
   """
-  # |x| < inf is isfinite written with a compare, which every kernel
-  # backend lowers.
-  finite_grad = jnp.abs(grad) < jnp.inf
+  # x < inf is isfinite written with a compare (g*g is never negative; NaN
+  # compares False), which every kernel backend lowers.
+  finite_grad = grad * grad < jnp.inf
   ok_each = [finite_grad & (jnp.abs(n) < jnp.inf) for n in new]
   new = tuple(jnp.where(ok, n, o) for ok, n, o in zip(ok_each, new, old))
   ok_all = ok_each[0]
