@@ -1,5 +1,7 @@
 """optax-paged: memory-saving 8-bit and paged optimizer state for Optax."""
 
+import types
+
 from optax_paged.alias import adagrad_8bit
 from optax_paged.alias import adam_8bit
 from optax_paged.alias import adamw_8bit
@@ -53,4 +55,7 @@ from optax_paged.transform import trace_8bit
 
 __version__ = "0.1.0"
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+# The public names, without the submodules (``from optax_paged import *``
+# must not bind e.g. ``backend`` or ``transform`` in the caller's namespace).
+__all__ = [name for name, value in sorted(globals().items())
+           if not name.startswith("_") and not isinstance(value, types.ModuleType)]

@@ -23,17 +23,7 @@ def _check_learning_rate(learning_rate):
   check_hyperparam("learning_rate", learning_rate, 0.0)
 
 
-def _check_no_dtype(name, value):
-  """``mu_dtype`` / ``accumulator_dtype``: only ``None`` (the moments are codes).
-
-  The argument is there so that optax's positional order holds: passed
-  positionally as in ``optax.adamw(lr, b1, b2, eps, eps_root, None, 1e-2)``,
-  the arguments after it mean what they mean in optax.
-  """
-  if value is not None:
-    raise ValueError(
-        f"{name}={value!r}: 8-bit optimizers store their moments as 8-bit codes, so only "
-        f"{name}=None is accepted (it keeps optax's argument order).")
+_check_no_dtype = transform.check_no_dtype
 
 
 def _extras(block_size, min_8bit_size, quantize_mask, backend) -> dict:
@@ -215,6 +205,7 @@ def sgd_8bit(
   """
   _check_learning_rate(learning_rate)
   _check_no_dtype("accumulator_dtype", accumulator_dtype)
+  transform.check_8bit_options(block_size, min_8bit_size, backend)  # also without momentum
   inner = optax.identity() if momentum is None else transform.trace_8bit(
       momentum, nesterov, **_extras(block_size, min_8bit_size, quantize_mask, backend))
   return optax.chain(inner, optax.scale_by_learning_rate(learning_rate))
@@ -278,6 +269,7 @@ def adagrad_8bit(
     initial_accumulator_value: float = 0.1,
     eps: float = 1e-7,
     *,
+    eps_in_sqrt: bool = True,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
     quantize_mask: QuantizeMask = None,
@@ -290,7 +282,11 @@ def adagrad_8bit(
   Args:
     learning_rate: a non-negative float or an ``optax`` schedule.
     initial_accumulator_value: starting value of the accumulator.
-    eps: added inside the square root.
+    eps: added inside the square root (optax's form); with
+      ``eps_in_sqrt=False`` outside it, ``g / (sqrt(sum) + eps)``, as
+      PyTorch's and bitsandbytes' Adagrad do.
+    eps_in_sqrt: where ``eps`` goes (keyword only: optax's Adagrad has no
+      such argument).
 {extras}
 
   Returns:
@@ -303,7 +299,8 @@ def adagrad_8bit(
   _check_learning_rate(learning_rate)
   return optax.chain(
       transform.scale_by_rss_8bit(
-          initial_accumulator_value, eps, **_extras(block_size, min_8bit_size, quantize_mask, backend)),
+          initial_accumulator_value, eps, eps_in_sqrt=eps_in_sqrt,
+          **_extras(block_size, min_8bit_size, quantize_mask, backend)),
       optax.scale_by_learning_rate(learning_rate),
   )
 

@@ -10,11 +10,24 @@ Two entry points:
   as a mapping, YAML text or a YAML file path, with Ludwig's field names
   (``betas``, ``eps``, ``weight_decay``, ``momentum``, ``alpha``, ...).
 
-Ludwig follows PyTorch: ``weight_decay`` is an L2 term added to the gradient
-for ``sgd``, ``adam``, ``rmsprop``, ``adagrad``, ``adadelta``, ``adamax``,
-``nadam``, ``radam`` and ``lars``, and decoupled (AdamW-style) for
-``adamw``, ``lion``, ``lamb``, ``adafactor``, ``schedule_free_adamw`` and
-``muon``; the configs built here do the same.
+Ludwig follows PyTorch and bitsandbytes: ``weight_decay`` is an L2 term added
+to the gradient for ``sgd``, ``adam``, ``rmsprop``, ``adagrad``, ``adadelta``,
+``adamax``, ``nadam``, ``radam`` and ``lars`` (and their 8-bit forms), and
+decoupled (AdamW-style) for ``adamw``, ``lion``, ``lamb``, ``adafactor``,
+``schedule_free_adamw`` and ``muon``, and for bitsandbytes' Adams:
+``adam_8bit``, ``paged_adam`` and ``paged_adam_8bit`` (its Adam kernels decay
+the weights, only ``torch.optim.Adam`` adds L2); the configs built here do the
+same. Adagrad adds ``eps`` outside the square root, as PyTorch and
+bitsandbytes do.
+
+From a whole Ludwig document only ``trainer.learning_rate``,
+``trainer.optimizer`` and ``trainer.gradient_clipping`` are read
+(``clipglobalnorm`` and ``clipnorm`` become ``optax.clip_by_global_norm``,
+``clipvalue`` ``optax.clip``, applied before the optimizer as Ludwig's
+trainer does). Ludwig clips to a global norm of 0.5 when the document has no
+``gradient_clipping``; that default is not added here: write it out to get
+it. A ``trainer.learning_rate_scheduler`` is refused unless ``learning_rate=``
+is given (an optax schedule replaces the document's rate and scheduler).
 """
 
 from __future__ import annotations
@@ -119,26 +132,55 @@ class _Fields:
     if value != default:
       raise ValueError(f"{self.type}: {name}={value!r} is not supported ({why}).")
 
+  def number(self, name, default, low=0.0, high=None) -> float:
+    """A real number in ``[low, high]`` (Ludwig's ranges; YAML strings like ``1e-3`` too)."""
+    value = self.get(name, default)
+    if isinstance(value, str):
+      value = _parse_number(value, f"{self.type}: {name}")
+    check_hyperparam(f"{self.type}: {name}", value, low, high)
+    return float(value)
+
+  def flag(self, name, default: bool) -> bool:
+    """A YAML boolean; anything else (e.g. the string ``"false"``) is refused."""
+    value = self.get(name, default)
+    if not isinstance(value, bool):
+      raise ValueError(f"{self.type}: {name} must be true or false, got {value!r}.")
+    return value
+
   def pair(self, name, default):
     value = tuple(self.get(name, default))
     if len(value) != 2:
       raise ValueError(f"{self.type}: {name} must hold two numbers, got {value!r}.")
+    value = tuple(_parse_number(v, f"{self.type}: {name}") if isinstance(v, str) else v
+                  for v in value)
+    for v in value:
+      check_hyperparam(f"{self.type}: {name}", v, 0.0, 1.0, high_open=True)
     return tuple(float(v) for v in value)
 
 
-def _coupled_weight_decay(tx, weight_decay):
+def _parse_number(text: str, what: str) -> float:
+  """A number written as text (YAML 1.1 reads ``1e-3``, without a dot, as a string)."""
+  try:
+    return float(text)
+  except ValueError:
+    raise ValueError(f"{what} must be a number, got {text!r}.") from None
+
+
+def _coupled_weight_decay(tx, weight_decay: float):
   """PyTorch's L2 ``weight_decay``: added to the gradient before ``tx``."""
   if not weight_decay:
     return tx
-  return optax.chain(optax.add_decayed_weights(float(weight_decay)), tx)
+  return optax.chain(optax.add_decayed_weights(weight_decay), tx)
 
 
 def _adam(name, lr, f: _Fields):
   b1, b2 = f.pair("betas", (0.9, 0.999))
-  eps = float(f.get("eps", 1e-8))
-  wd = float(f.get("weight_decay", 0.0))
-  amsgrad = bool(f.get("amsgrad", False))
-  decoupled = name.startswith(("adamw", "paged_adamw"))
+  eps = f.number("eps", 1e-8)
+  wd = f.number("weight_decay", 0.0)
+  amsgrad = f.flag("amsgrad", False)
+  # Only torch.optim.Adam adds L2; bitsandbytes' Adam kernels (adam_8bit,
+  # paged_adam, paged_adam_8bit) decay the weights like AdamW.
+  decoupled = name != "adam"
   if amsgrad:
     if name not in ("adam", "adamw"):
       raise ValueError(f"{name}: amsgrad=True is not supported for 8-bit or paged Adam; "
@@ -148,38 +190,42 @@ def _adam(name, lr, f: _Fields):
                      optax.scale_by_learning_rate(lr))
     return tx if decoupled else _coupled_weight_decay(tx, wd)
   if decoupled:
-    return OPTIMIZERS[name](lr, b1, b2, eps, weight_decay=wd)
+    adamw = name if "adamw" in name else name.replace("adam", "adamw")
+    return OPTIMIZERS[adamw](lr, b1, b2, eps, weight_decay=wd)
   return _coupled_weight_decay(OPTIMIZERS[name](lr, b1, b2, eps), wd)
 
 
 def _sgd(name, lr, f: _Fields):
-  momentum = float(f.get("momentum", 0.0)) or None
+  momentum = f.number("momentum", 0.0) or None
   f.default_only("dampening", 0.0, "optax's momentum has no dampening")
-  tx = OPTIMIZERS[name](lr, momentum=momentum, nesterov=bool(f.get("nesterov", False)))
-  return _coupled_weight_decay(tx, f.get("weight_decay", 0.0))
+  tx = OPTIMIZERS[name](lr, momentum=momentum, nesterov=f.flag("nesterov", False))
+  return _coupled_weight_decay(tx, f.number("weight_decay", 0.0))
 
 
 def _rmsprop(name, lr, f: _Fields):
   # PyTorch adds eps outside the square root; its smoothing constant is alpha.
   tx = OPTIMIZERS[name](
-      lr, decay=float(f.get("alpha", 0.99)), eps=float(f.get("eps", 1e-8)), eps_in_sqrt=False,
-      centered=bool(f.get("centered", False)), momentum=float(f.get("momentum", 0.0)) or None)
-  return _coupled_weight_decay(tx, f.get("weight_decay", 0.0))
+      lr, decay=f.number("alpha", 0.99, high=1.0), eps=f.number("eps", 1e-8), eps_in_sqrt=False,
+      centered=f.flag("centered", False), momentum=f.number("momentum", 0.0) or None)
+  return _coupled_weight_decay(tx, f.number("weight_decay", 0.0))
 
 
 def _adagrad(name, lr, f: _Fields):
-  lr_decay = float(f.get("lr_decay", 0.0))
+  lr_decay = f.number("lr_decay", 0.0)
   if lr_decay:
     base = lr
     lr = lambda step: (base(step) if callable(base) else base) / (1.0 + step * lr_decay)  # noqa: E731
-  tx = OPTIMIZERS[name](lr, initial_accumulator_value=float(f.get("initial_accumulator_value", 0.0)),
-                        eps=float(f.get("eps", 1e-10)))
-  return _coupled_weight_decay(tx, f.get("weight_decay", 0.0))
+  # PyTorch and bitsandbytes add eps outside the square root: the 8-bit
+  # transformation's form, with every leaf in float32 for plain "adagrad".
+  kwargs = {} if name.endswith("_8bit") else {"quantize_mask": False}
+  tx = alias.adagrad_8bit(lr, initial_accumulator_value=f.number("initial_accumulator_value", 0.0),
+                          eps=f.number("eps", 1e-10), eps_in_sqrt=False, **kwargs)
+  return _coupled_weight_decay(tx, f.number("weight_decay", 0.0))
 
 
 def _lion(name, lr, f: _Fields):
   b1, b2 = f.pair("betas", (0.9, 0.999))
-  return OPTIMIZERS[name](lr, b1, b2, weight_decay=float(f.get("weight_decay", 0.0)))
+  return OPTIMIZERS[name](lr, b1, b2, weight_decay=f.number("weight_decay", 0.0))
 
 
 def _lamb(name, lr, f: _Fields):
@@ -188,70 +234,80 @@ def _lamb(name, lr, f: _Fields):
   f.default_only("amsgrad", False, "LAMB has no AMSGrad variant here")
   f.default_only("adam_w_mode", True, "weight decay is decoupled, as in optax.lamb")
   f.default_only("max_unorm", 1.0, "the trust ratio is optax's, not bitsandbytes' update-norm clip")
-  return OPTIMIZERS[name](lr, b1, b2, eps=float(f.get("eps", 1e-8)),
-                          weight_decay=float(f.get("weight_decay", 0.0)))
+  return OPTIMIZERS[name](lr, b1, b2, eps=f.number("eps", 1e-8),
+                          weight_decay=f.number("weight_decay", 0.0))
 
 
 def _lars(name, lr, f: _Fields):
   f.default_only("dampening", 0.0, "optax's momentum has no dampening")
   f.default_only("max_unorm", 1.0, "the trust ratio is optax's, not bitsandbytes' update-norm clip")
-  return OPTIMIZERS[name](lr, weight_decay=float(f.get("weight_decay", 0.0)),
-                          momentum=float(f.get("momentum", 0.0)), nesterov=bool(f.get("nesterov", False)))
+  momentum = f.number("momentum", 0.9)  # Ludwig's default
+  if not momentum:
+    raise ValueError(f"{name}: momentum=0 is not supported (bitsandbytes' LARS, which Ludwig "
+                     "runs, refuses LARS without momentum; Ludwig's default is 0.9).")
+  return OPTIMIZERS[name](lr, weight_decay=f.number("weight_decay", 0.0),
+                          momentum=momentum, nesterov=f.flag("nesterov", False))
 
 
 def _adadelta(name, lr, f: _Fields):
-  return optax.adadelta(lr, rho=float(f.get("rho", 0.9)), eps=float(f.get("eps", 1e-6)),
-                        weight_decay=float(f.get("weight_decay", 0.0)))
+  return optax.adadelta(lr, rho=f.number("rho", 0.9, high=1.0), eps=f.number("eps", 1e-6),
+                        weight_decay=f.number("weight_decay", 0.0))
 
 
 def _adamax(name, lr, f: _Fields):
   b1, b2 = f.pair("betas", (0.9, 0.999))
-  return _coupled_weight_decay(optax.adamax(lr, b1, b2, float(f.get("eps", 1e-8))),
-                               f.get("weight_decay", 0.0))
+  return _coupled_weight_decay(optax.adamax(lr, b1, b2, f.number("eps", 1e-8)),
+                               f.number("weight_decay", 0.0))
 
 
 def _nadam(name, lr, f: _Fields):
   b1, b2 = f.pair("betas", (0.9, 0.999))
   f.default_only("momentum_decay", 4e-3, "optax.nadam has no momentum-decay schedule")
-  return _coupled_weight_decay(optax.nadam(lr, b1, b2, float(f.get("eps", 1e-8))),
-                               f.get("weight_decay", 0.0))
+  return _coupled_weight_decay(optax.nadam(lr, b1, b2, f.number("eps", 1e-8)),
+                               f.number("weight_decay", 0.0))
 
 
 def _radam(name, lr, f: _Fields):
   b1, b2 = f.pair("betas", (0.9, 0.999))
-  return _coupled_weight_decay(optax.radam(lr, b1, b2, float(f.get("eps", 1e-8))),
-                               f.get("weight_decay", 0.0))
+  return _coupled_weight_decay(optax.radam(lr, b1, b2, f.number("eps", 1e-8)),
+                               f.number("weight_decay", 0.0))
 
 
 def _adafactor(name, lr, f: _Fields):
   eps = f.get("eps", (1e-30, 1e-3))
   eps = float(eps[0] if isinstance(eps, (list, tuple)) else eps)
-  f.default_only("relative_step", False, "pass an explicit learning rate (or schedule) instead")
+  # Ludwig's (and transformers') default is relative_step=True, which derives
+  # the step size from the step count and ignores the learning rate: only an
+  # explicit relative_step: false can be reproduced.
+  if f.get("relative_step", True) is not False:
+    raise ValueError(
+        f"{name}: relative_step=True (Ludwig's default) is not supported; set relative_step: "
+        "false and pass a learning rate (or an optax schedule).")
   f.default_only("warmup_init", False, "use an optax warm-up schedule as the learning rate")
   beta1 = f.get("beta1", None)
-  wd = float(f.get("weight_decay", 0.0))
+  wd = f.number("weight_decay", 0.0)
   return optax.adafactor(
       lr, decay_rate=abs(float(f.get("decay_rate", -0.8))),
       clipping_threshold=f.get("clip_threshold", 1.0),
-      momentum=None if beta1 is None else float(beta1),
-      multiply_by_parameter_scale=bool(f.get("scale_parameter", True)),
+      momentum=None if beta1 is None else f.number("beta1", None, high=1.0),
+      multiply_by_parameter_scale=f.flag("scale_parameter", True),
       weight_decay_rate=wd or None, eps=eps)
 
 
 def _schedule_free_adamw(name, lr, f: _Fields):
   b1, b2 = f.pair("betas", (0.9, 0.999))
   return optax.contrib.schedule_free_adamw(
-      lr, warmup_steps=f.get("warmup_steps", None), b1=b1, b2=b2, eps=float(f.get("eps", 1e-8)),
-      weight_decay=float(f.get("weight_decay", 0.0)),
-      weight_lr_power=float(f.get("weight_lr_power", 2.0)))
+      lr, warmup_steps=f.get("warmup_steps", None), b1=b1, b2=b2, eps=f.number("eps", 1e-8),
+      weight_decay=f.number("weight_decay", 0.0),
+      weight_lr_power=f.number("weight_lr_power", 2.0))
 
 
 def _muon(name, lr, f: _Fields):
   b1, b2 = f.pair("adamw_betas", (0.9, 0.999))
   return optax.contrib.muon(
-      lr, beta=float(f.get("momentum", 0.95)), nesterov=bool(f.get("nesterov", True)),
-      ns_steps=int(f.get("ns_steps", 5)), eps=float(f.get("eps", 1e-8)),
-      weight_decay=float(f.get("weight_decay", 0.0)), adam_b1=b1, adam_b2=b2)
+      lr, beta=f.number("momentum", 0.95, high=1.0), nesterov=f.flag("nesterov", True),
+      ns_steps=int(f.get("ns_steps", 5)), eps=f.number("eps", 1e-8),
+      weight_decay=f.number("weight_decay", 0.0), adam_b1=b1, adam_b2=b2)
 
 
 def _family(builder, *names):
@@ -367,11 +423,18 @@ def from_config(config, learning_rate=None) -> optax.GradientTransformation:
   """
   doc = _load(config)
   section = doc
+  clip_trainer = None
   if "trainer" in doc:
     trainer = doc["trainer"] or {}
+    if trainer.get("learning_rate_scheduler") and learning_rate is None:
+      raise ValueError(
+          "trainer.learning_rate_scheduler is not converted: pass the schedule as "
+          "learning_rate= (an optax schedule, e.g. optax.warmup_cosine_decay_schedule), which "
+          "replaces trainer.learning_rate and its scheduler.")
     if learning_rate is None:
       learning_rate = trainer.get("learning_rate")
     section = trainer.get("optimizer", {"type": "adam"})
+    clip_trainer = _gradient_clipping(trainer.get("gradient_clipping"))
   elif "optimizer" in doc and "type" not in doc:
     section = doc["optimizer"]
   if not isinstance(section, Mapping) or "type" not in section:
@@ -382,8 +445,12 @@ def from_config(config, learning_rate=None) -> optax.GradientTransformation:
   if learning_rate is None:
     raise ValueError("No learning rate: pass learning_rate= or set trainer.learning_rate.")
   if isinstance(learning_rate, str):
-    raise ValueError(f"learning_rate {learning_rate!r} is not a number (Ludwig's 'auto' learning "
-                     "rate search is not supported: pass a number or a schedule).")
+    try:
+      learning_rate = float(learning_rate)  # YAML 1.1 reads 1e-3 (no dot) as text
+    except ValueError:
+      raise ValueError(f"learning_rate {learning_rate!r} is not a number (Ludwig's 'auto' learning "
+                       "rate search is not supported: pass a number or a schedule).") from None
+  check_hyperparam("learning_rate", learning_rate, 0.0)
   accepted = _accepted_fields(type_name)
   unknown = sorted(set(section) - {"type"} - set(accepted))
   if unknown:
@@ -391,7 +458,7 @@ def from_config(config, learning_rate=None) -> optax.GradientTransformation:
                      f"accepted: {', '.join(accepted)}.")
   fields = _Fields(type_name, {k: v for k, v in section.items() if k != "type"})
   eight_bit = type_name.endswith("_8bit")
-  if eight_bit and fields.get("block_wise", True) is False:
+  if eight_bit and not fields.flag("block_wise", True):
     raise ValueError(
         f"{type_name}: block_wise=False (one scale per whole tensor) is not supported: "
         "optax-paged always quantizes in blocks of 256 values, which is what makes 8-bit "
@@ -404,4 +471,34 @@ def from_config(config, learning_rate=None) -> optax.GradientTransformation:
   if isinstance(learning_rate, (int, float)):
     learning_rate = float(learning_rate)
   tx = LUDWIG_TYPES[type_name](type_name, learning_rate, fields)
-  return optax.chain(clipping, tx) if clip < 100 else tx
+  tx = optax.chain(clipping, tx) if clip < 100 else tx
+  return tx if clip_trainer is None else optax.chain(clip_trainer, tx)
+
+
+_CLIPPING_FIELDS = ("clipglobalnorm", "clipnorm", "clipvalue")
+
+
+def _gradient_clipping(section) -> optax.GradientTransformation | None:
+  """Ludwig's ``trainer.gradient_clipping`` as optax transformations, or None.
+
+  Ludwig's trainer clips with ``torch.nn.utils.clip_grad_norm_`` over all
+  parameters for ``clipglobalnorm`` and then ``clipnorm`` (both global
+  norms), then ``clip_grad_value_`` for ``clipvalue``.
+  """
+  if not section:
+    return None
+  if not isinstance(section, Mapping):
+    raise ValueError(f"trainer.gradient_clipping must be a mapping, got {section!r}.")
+  unknown = sorted(set(section) - set(_CLIPPING_FIELDS))
+  if unknown:
+    raise ValueError(f"trainer.gradient_clipping does not take field(s) {', '.join(unknown)}; "
+                     f"accepted: {', '.join(_CLIPPING_FIELDS)}.")
+  steps = []
+  for name in _CLIPPING_FIELDS:
+    value = section.get(name)
+    if value is None or value == 0:  # Ludwig skips a falsy threshold
+      continue
+    check_hyperparam(f"trainer.gradient_clipping.{name}", value, 0.0)
+    steps.append(optax.clip(float(value)) if name == "clipvalue"
+                 else optax.clip_by_global_norm(float(value)))
+  return optax.chain(*steps) if steps else None

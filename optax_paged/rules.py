@@ -212,6 +212,17 @@ def rss_rule(grad, moments, hparams):
   return scale * grad, (sum_of_squares,)
 
 
+def rss_eps_outside_rule(grad, moments, hparams):
+  """Adagrad as PyTorch and bitsandbytes write it: ``g / (sqrt(sum) + eps)``.
+
+  :func:`rss_rule` (optax's form) adds ``eps`` inside the square root, so a
+  small accumulator is floored at ``sqrt(eps)`` instead of ``eps``.
+  """
+  (sum_of_squares,) = moments
+  sum_of_squares = sum_of_squares + grad * grad
+  return grad / (jnp.sqrt(sum_of_squares) + hparams["eps"]), (sum_of_squares,)
+
+
 def ademamix_hparams(b1, b2, b3, alpha, eps, eps_root, count) -> dict:
   """Scalars of :func:`ademamix_rule`; ``b3`` and ``alpha`` may be schedules.
 
@@ -266,6 +277,7 @@ RULES: dict[str, RuleSpec] = {
     "nesterov_momentum": RuleSpec(nesterov_momentum_rule, (True,), lambda c: momentum_hparams(0.9)),
     "rms": RuleSpec(rms_rule, (False,), lambda c: rms_hparams(0.9, 1e-8, True, False, c)),
     "rss": RuleSpec(rss_rule, (False,), lambda c: rss_hparams(1e-7)),
+    "rss_eps_outside": RuleSpec(rss_eps_outside_rule, (False,), lambda c: rss_hparams(1e-10)),
     "ademamix": RuleSpec(ademamix_rule, (True, True, False),
                          lambda c: ademamix_hparams(0.9, 0.999, 0.9999, 5.0, 1e-8, 0.0, c)),
 }

@@ -113,6 +113,8 @@ def check_hyperparam(name: str, value, low=None, high=None, *, high_open=False):
     return
   if value is None or isinstance(value, jax.core.Tracer):
     return
+  if isinstance(value, (str, bytes, bool)):  # float() would parse "1e-3" and take True as 1
+    raise TypeError(f"{name} must be a real number, got {value!r}.")
   try:
     v = float(value)
   except (TypeError, ValueError):
@@ -161,6 +163,27 @@ def _static_option(name: str, value, default):
   return value
 
 
+def check_no_dtype(name, value):
+  """``mu_dtype`` / ``accumulator_dtype``: only ``None`` (the moments are codes).
+
+  The argument is there so that optax's positional order holds: passed
+  positionally as in ``optax.adamw(lr, b1, b2, eps, eps_root, None, 1e-2)``,
+  the arguments after it mean what they mean in optax.
+  """
+  if value is not None:
+    raise ValueError(
+        f"{name}={value!r}: 8-bit optimizers store their moments as 8-bit codes, so only "
+        f"{name}=None is accepted (it keeps optax's argument order).")
+
+
+def check_8bit_options(block_size, min_8bit_size, backend) -> tuple[int, int, str]:
+  """Checks the options every 8-bit transformation takes; returns them resolved."""
+  block_size = qz.check_block_size(_static_option("block_size", block_size, DEFAULT_BLOCK_SIZE))
+  min_8bit_size = check_min_8bit_size(
+      _static_option("min_8bit_size", min_8bit_size, DEFAULT_MIN_8BIT_SIZE))
+  return block_size, min_8bit_size, backend_lib.check_backend(backend)
+
+
 def check_min_8bit_size(min_8bit_size) -> int:
   if (
       not isinstance(min_8bit_size, (int, np.integer))
@@ -174,7 +197,7 @@ def check_min_8bit_size(min_8bit_size) -> int:
 
 
 def _check_leaf_dtype(path, leaf):
-  dtype = jnp.dtype(leaf.dtype)
+  dtype = jnp.result_type(leaf)  # also Python numbers, as optax takes them
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(
         f"8-bit optimizer state needs real floating-point parameters "
@@ -209,6 +232,11 @@ def _check_leaf(path, grad, moment, absmax, *, block_size, pallas=False) -> bool
   holds whole blocks (its element count a multiple of the block size).
   """
   name = jax.tree_util.keystr(path) or "<root>"
+  if not jnp.issubdtype(jnp.result_type(grad), jnp.floating):
+    raise TypeError(
+        f"The gradient leaf at {name} has dtype {jnp.result_type(grad)}; the update needs a "
+        "real floating-point gradient (an integer one would round the update to whole numbers, "
+        "a complex one is not supported).")
   if jnp.shape(grad) != jnp.shape(moment):
     raise ValueError(
         f"The gradient leaf at {jax.tree_util.keystr(path)} has shape "
@@ -261,7 +289,7 @@ def _check_explicit_sharding(name, x, block_size):
 
 def _quantize_flags(tree, min_8bit_size: int, quantize_mask: QuantizeMask):
   """Pytree of Python bools: which leaves of ``tree`` get 8-bit state."""
-  big = jax.tree.map(lambda x: math.prod(x.shape) >= min_8bit_size, tree)
+  big = jax.tree.map(lambda x: math.prod(jnp.shape(x)) >= min_8bit_size, tree)
   if quantize_mask is None:
     return big
   if callable(quantize_mask):
@@ -291,9 +319,10 @@ def _guard_nonfinite(grad, old, new, direction):
   the second one kept, and the huge first moment would become its block's
   scale; this way every moment of that element is kept.
   """
-  # x < inf is isfinite written with a compare (g*g is never negative; NaN
-  # compares False), which every kernel backend lowers.
-  finite_grad = grad * grad < jnp.inf
+  # |g| < 2**64 holds exactly when g*g is finite (NaN compares False); a
+  # compare, which every kernel backend lowers. (Testing g*g itself would
+  # share the rule's square and change how XLA rounds the second moment.)
+  finite_grad = jnp.abs(grad) < 2.0**64
   ok_each = [finite_grad & (jnp.abs(n) < jnp.inf) for n in new]
   new = tuple(jnp.where(ok, n, o) for ok, n, o in zip(ok_each, new, old))
   ok_all = ok_each[0]
@@ -413,8 +442,7 @@ def scale_by_rule_8bit(
   Returns:
     An ``optax.GradientTransformation``.
   """
-  block_size = qz.check_block_size(_static_option("block_size", block_size, DEFAULT_BLOCK_SIZE))
-  backend = backend_lib.check_backend(backend)
+  block_size, min_8bit_size, backend = check_8bit_options(block_size, min_8bit_size, backend)
   guarded = functools.partial(_guarded_rule, rule)
   if getattr(state_cls, "SIGNED", None) != {m.name: m.signed for m in moments}:
     raise ValueError(
@@ -422,8 +450,6 @@ def scale_by_rule_8bit(
         f"({ {m.name: m.signed for m in moments} }): dequantize_state reads it.")
   for m in moments:
     check_hyperparam(f"initial value of {m.name}", m.init, 0.0)
-  min_8bit_size = check_min_8bit_size(
-      _static_option("min_8bit_size", min_8bit_size, DEFAULT_MIN_8BIT_SIZE))
   moments = tuple(moments)
   names = [m.name for m in moments]
   signed = tuple(m.signed for m in moments)
@@ -554,6 +580,7 @@ def scale_by_adam_8bit(
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
+    mu_dtype=None,
     *,
     nesterov: bool = False,
     block_size: int | None = None,
@@ -590,6 +617,7 @@ def scale_by_adam_8bit(
     Dettmers et al., `8-bit Optimizers via Block-wise Quantization
     <https://arxiv.org/abs/2110.02861>`_, 2022.
   """
+  check_no_dtype("mu_dtype", mu_dtype)
   check_hyperparam("b1", b1, 0.0, 1.0, high_open=True)
   check_hyperparam("b2", b2, 0.0, 1.0, high_open=True)
   check_hyperparam("eps", eps, 0.0)
@@ -682,6 +710,7 @@ def with_extras_doc(fn):
 def scale_by_lion_8bit(
     b1: float = 0.9,
     b2: float = 0.99,
+    mu_dtype=None,
     *,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
@@ -693,6 +722,8 @@ def scale_by_lion_8bit(
   Args:
     b1: interpolation weight of the momentum in the update's sign.
     b2: decay of the momentum.
+    mu_dtype: only ``None``, in optax's position (the moments are 8-bit codes).
+    mu_dtype: only ``None``, in optax's position (the moments are 8-bit codes).
 {extras}
 
   Returns:
@@ -702,6 +733,7 @@ def scale_by_lion_8bit(
     Chen et al., `Symbolic Discovery of Optimization Algorithms
     <https://arxiv.org/abs/2302.06675>`_, 2023.
   """
+  check_no_dtype("mu_dtype", mu_dtype)
   check_hyperparam("b1", b1, 0.0, 1.0)
   check_hyperparam("b2", b2, 0.0, 1.0, high_open=True)
   return scale_by_rule_8bit(
@@ -716,6 +748,7 @@ def scale_by_lion_8bit(
 def trace_8bit(
     decay: float,
     nesterov: bool = False,
+    accumulator_dtype=None,
     *,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
@@ -727,6 +760,7 @@ def trace_8bit(
   Args:
     decay: momentum coefficient.
     nesterov: Nesterov momentum.
+    accumulator_dtype: only ``None``, in optax's position (the moments are 8-bit codes).
 {extras}
 
   Returns:
@@ -736,6 +770,7 @@ def trace_8bit(
     Sutskever et al., `On the importance of initialization and momentum in
     deep learning <https://proceedings.mlr.press/v28/sutskever13.html>`_, 2013.
   """
+  check_no_dtype("accumulator_dtype", accumulator_dtype)
   check_hyperparam("momentum", decay, 0.0)
   rule = rules.nesterov_momentum_rule if nesterov else rules.momentum_rule
   return scale_by_rule_8bit(
@@ -795,6 +830,7 @@ def scale_by_rss_8bit(
     initial_accumulator_value: float = 0.1,
     eps: float = 1e-7,
     *,
+    eps_in_sqrt: bool = True,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
     quantize_mask: QuantizeMask = None,
@@ -804,7 +840,10 @@ def scale_by_rss_8bit(
 
   Args:
     initial_accumulator_value: starting value of the sum of squares.
-    eps: added inside the square root.
+    eps: added inside the square root (optax's form), or outside it with
+      ``eps_in_sqrt=False``: ``g / (sqrt(sum) + eps)``, PyTorch's and
+      bitsandbytes' Adagrad.
+    eps_in_sqrt: where ``eps`` goes.
 {extras}
 
   Returns:
@@ -816,7 +855,7 @@ def scale_by_rss_8bit(
   """
   check_hyperparam("eps", eps, 0.0)
   return scale_by_rule_8bit(
-      rules.rss_rule,
+      rules.rss_rule if eps_in_sqrt else rules.rss_eps_outside_rule,
       (MomentSpec("sum_of_squares", signed=False, init=initial_accumulator_value),),
       lambda count: rules.rss_hparams(eps), ScaleByRss8bitState,
       block_size=block_size, min_8bit_size=min_8bit_size,
@@ -832,6 +871,7 @@ def scale_by_ademamix_8bit(
     alpha: optax.ScalarOrSchedule = 6.0,
     eps: float = 1e-8,
     eps_root: float = 0.0,
+    mu_dtype=None,
     *,
     block_size: int | None = None,
     min_8bit_size: int | None = None,
@@ -847,6 +887,7 @@ def scale_by_ademamix_8bit(
     alpha: weight of the slow moment, a float or a schedule (warm-up).
     eps: term added to the denominator outside the square root.
     eps_root: term added to the second moment inside the square root.
+    mu_dtype: only ``None``, in optax's position (the moments are 8-bit codes).
 {extras}
 
   Returns:
@@ -856,6 +897,7 @@ def scale_by_ademamix_8bit(
     Pagliardini et al., `The AdEMAMix Optimizer: Better, Faster, Older
     <https://arxiv.org/abs/2409.03137>`_, 2024.
   """
+  check_no_dtype("mu_dtype", mu_dtype)
   check_hyperparam("b1", b1, 0.0, 1.0, high_open=True)
   check_hyperparam("b2", b2, 0.0, 1.0, high_open=True)
   check_hyperparam("b3", b3, 0.0, 1.0, high_open=True)

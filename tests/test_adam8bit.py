@@ -311,3 +311,34 @@ def test_state_bytes_per_parameter():
   state = op.adamw_8bit(1e-3).init(p)
   nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
   assert abs(nbytes / p["w"].size - (2 + 8 / 256)) < 1e-3
+
+
+def test_gradient_dtype_is_checked():
+  params = {"w": jnp.ones((64, 128)), "b": jnp.ones(3)}
+  tx = op.adam_8bit(1e-2, min_8bit_size=16)
+  state = tx.init(params)
+  for dtype in (jnp.int32, jnp.complex64):
+    grads = {"w": jnp.ones((64, 128), dtype), "b": jnp.ones(3)}
+    with pytest.raises(TypeError, match=r"\['w'\] has dtype " + jnp.dtype(dtype).name):
+      tx.update(grads, state, params)
+
+
+def test_python_number_leaves_work_as_in_optax():
+  params = {"w": jnp.ones((64, 128)), "temperature": 1.0}
+  grads = {"w": jnp.ones((64, 128)), "temperature": jnp.asarray(0.5)}
+  ours, theirs = op.adamw_8bit(1e-2, min_8bit_size=16), optax.adamw(1e-2)
+  u, _ = ours.update(grads, ours.init(params), params)
+  v, _ = theirs.update(grads, theirs.init(params), params)
+  np.testing.assert_allclose(float(u["temperature"]), float(v["temperature"]), rtol=1e-6)
+
+
+def test_star_import_binds_no_submodules():
+  assert not [n for n in op.__all__ if isinstance(getattr(op, n), type(op))]
+  assert {"adamw_8bit", "paged", "from_config"} <= set(op.__all__)
+
+
+def test_string_hyperparameters_are_refused_when_built():
+  with pytest.raises(TypeError, match="learning_rate must be a real number"):
+    op.adamw_8bit("1e-3")
+  with pytest.raises(TypeError, match="b1 must be a real number"):
+    op.adam_8bit(1e-3, b1=True)

@@ -316,10 +316,7 @@ def test_defaults_are_optax_defaults(ours, twin):
     assert mine[n].default == theirs[n].default, (ours.__name__, n, mine[n].default, theirs[n].default)
 
 
-ALIAS_TWINS = {ours: twin for ours, twin in TWINS.items() if ours.__module__ == "optax_paged.alias"}
-
-
-@pytest.mark.parametrize("ours, twin", ALIAS_TWINS.items(), ids=lambda f: getattr(f, "__name__", ""))
+@pytest.mark.parametrize("ours, twin", TWINS.items(), ids=lambda f: getattr(f, "__name__", ""))
 def test_positional_arguments_line_up_with_optax(ours, twin):
   """Code written for optax with positional arguments means the same here:
   mu_dtype / accumulator_dtype keep their places (only None is accepted)."""

@@ -143,3 +143,36 @@ def _torch_trajectory_with(make, p0, grads):
     opt.step()
     out.append(p.detach().numpy().copy())
   return out
+
+
+# Ludwig configs build what Ludwig runs: torch.optim for plain types,
+# bitsandbytes for 8-bit and paged ones. bitsandbytes' Adams decay the
+# weights (AdamW-style) whatever their name; only torch's Adam adds L2; and
+# Adagrad adds eps outside the square root (optax inside).
+def _ludwig_cases():
+  torch = require("torch")
+  bnb = require("bitsandbytes")
+  return {
+      "adam": (dict(type="adam", weight_decay=0.5), 1e-2, 1.0,
+               lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.5), 1e-4),
+      "paged_adam": (dict(type="paged_adam", weight_decay=0.5), 1e-2, 1.0,
+                     lambda ps: bnb.optim.PagedAdam(ps, lr=1e-2, weight_decay=0.5), 1e-4),
+      "adam_8bit": (dict(type="adam_8bit", weight_decay=0.5), 1e-2, 1.0,
+                    lambda ps: bnb.optim.Adam8bit(ps, lr=1e-2, weight_decay=0.5), 0.02),
+      "adagrad": (dict(type="adagrad", eps=1e-10), 1e-2, 1e-6,
+                  lambda ps: torch.optim.Adagrad(ps, lr=1e-2, eps=1e-10), 1e-4),
+      "adagrad_8bit": (dict(type="adagrad_8bit", eps=1e-10), 1e-2, 1e-6,
+                       lambda ps: bnb.optim.Adagrad8bit(ps, lr=1e-2, eps=1e-10), 0.02),
+  }
+
+
+@pytest.mark.parametrize("name", ["adam", "paged_adam", "adam_8bit", "adagrad", "adagrad_8bit"])
+def test_ludwig_config_follows_the_class_ludwig_runs(name):
+  section, lr, scale, theirs, tol = _ludwig_cases()[name]
+  rng = np.random.default_rng(0)
+  p0 = (rng.standard_normal((64, 256)) * 0.1).astype(np.float32)
+  grads = [(rng.standard_normal((64, 256)) * scale).astype(np.float32) for _ in range(20)]
+  ours = _jax_trajectory(op.from_config(section, learning_rate=lr), p0, grads)
+  ref = _torch_trajectory_with(theirs, p0, grads)
+  moved = np.abs(ref[-1] - p0).mean()
+  assert _distances(ours, ref)[-1] <= tol * moved, (_distances(ours, ref)[-1], moved)

@@ -36,7 +36,9 @@ class _Model(nnx.Module):
 
 @pytest.mark.parametrize("name", LUDWIG_NAMES)
 def test_from_config_builds_and_trains_three_jitted_steps(name):
-  tx = op.from_config({"type": name}, learning_rate=1e-3)
+  # Ludwig's adafactor default (relative_step: true) ignores the learning rate.
+  extra = {"relative_step": False} if name == "adafactor" else {}
+  tx = op.from_config({"type": name, **extra}, learning_rate=1e-3)
   model = _Model(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   x = jax.random.normal(jax.random.PRNGKey(1), (16, 32))
@@ -81,8 +83,19 @@ def _updates(tx, steps=3):
          lambda: op.lion_8bit(1e-3, 0.95, 0.98, weight_decay=0.01)),
         ({"type": "sgd_8bit", "momentum": 0.9, "nesterov": True, "block_wise": True},
          lambda: op.sgd_8bit(1e-3, momentum=0.9, nesterov=True)),
-        ({"type": "adagrad", "initial_accumulator_value": 0.1, "eps": 1e-10},
-         lambda: optax.adagrad(1e-3, initial_accumulator_value=0.1, eps=1e-10)),
+        # PyTorch's and bitsandbytes' Adagrad: eps outside the square root.
+        ({"type": "adagrad", "initial_accumulator_value": 0.1, "eps": 1e-2},
+         lambda: op.adagrad_8bit(1e-3, 0.1, 1e-2, eps_in_sqrt=False, quantize_mask=False)),
+        ({"type": "adagrad_8bit", "eps": 1e-2},
+         lambda: op.adagrad_8bit(1e-3, 0.0, 1e-2, eps_in_sqrt=False)),
+        # bitsandbytes' Adams decay the weights whatever their name.
+        ({"type": "adam_8bit", "weight_decay": 0.1}, lambda: op.adamw_8bit(1e-3, weight_decay=0.1)),
+        ({"type": "paged_adam", "weight_decay": 0.1}, lambda: op.paged_adamw(1e-3, weight_decay=0.1)),
+        ({"type": "paged_adam_8bit", "weight_decay": 0.1},
+         lambda: op.paged_adamw_8bit(1e-3, weight_decay=0.1)),
+        ({"type": "lars"}, lambda: optax.lars(1e-3, momentum=0.9)),  # Ludwig's default momentum
+        ({"type": "sgd", "weight_decay": "1e-2", "momentum": 0.9},  # YAML 1.1 reads 1e-2 as text
+         lambda: optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(1e-3, momentum=0.9))),
     ],
 )
 def test_ludwig_fields_map_to_the_equivalent_optimizer(section, equivalent):
@@ -128,6 +141,25 @@ trainer:
         ({"type": "adam", "betas": [0.9]}, 1e-3, "two numbers"),
         ({"betas": [0.9, 0.99]}, 1e-3, "needs a 'type'"),
         ("[1, 2, 3]", 1e-3, "must be a mapping"),
+        # Values Ludwig and torch refuse, and no silent gradient ascent.
+        ({"type": "adam"}, -1e-3, "learning_rate must be >= 0"),
+        ({"type": "muon"}, -1e-3, "learning_rate must be >= 0"),
+        ({"type": "sgd", "weight_decay": -0.5}, 1e-3, "weight_decay must be >= 0"),
+        ({"type": "adam_8bit", "weight_decay": -0.5}, 1e-3, "weight_decay must be >= 0"),
+        ({"type": "sgd", "momentum": -0.5}, 1e-3, "momentum must be >= 0"),
+        ({"type": "adam", "betas": [0.9, 1.5]}, 1e-3, "betas must be < 1"),
+        ({"type": "sgd", "momentum": 0.9, "nesterov": "false"}, 1e-3, "nesterov must be true or false"),
+        ({"type": "adamw_8bit", "block_wise": "false"}, 1e-3, "block_wise must be true or false"),
+        ({"type": "adamw_8bit", "block_wise": 0}, 1e-3, "block_wise must be true or false"),
+        ({"type": "lars", "momentum": 0.0}, 1e-3, "momentum=0 is not supported"),
+        ({"type": "adafactor"}, 1e-3, "relative_step=True .*Ludwig's default"),
+        ({"type": "adafactor", "relative_step": True}, 1e-3, "relative_step=True"),
+        ({"trainer": {"learning_rate": 1e-3, "learning_rate_scheduler": {"decay": "cosine"},
+                      "optimizer": {"type": "adam"}}}, None, "learning_rate_scheduler is not converted"),
+        ({"trainer": {"learning_rate": 1e-3, "gradient_clipping": {"clipnorms": 1.0},
+                      "optimizer": {"type": "adam"}}}, None, "clipnorms"),
+        ({"trainer": {"learning_rate": 1e-3, "gradient_clipping": {"clipvalue": -1.0},
+                      "optimizer": {"type": "adam"}}}, None, "clipvalue must be >= 0"),
     ],
 )
 def test_bad_configs_are_value_errors(config, lr, match):
@@ -206,3 +238,22 @@ def test_every_optimizer_rejects_a_bad_learning_rate(name, lr):
   kwargs = {"momentum": 0.9} if name in ("sgd_8bit", "paged_sgd_8bit") else {}
   with pytest.raises(ValueError, match="learning_rate"):
     op.create(name, lr, **kwargs)
+
+
+def test_yaml_learning_rate_without_a_dot_is_a_number():
+  # YAML 1.1 (PyYAML) reads 1e-3 as the string "1e-3"; Ludwig coerces it.
+  text = "trainer:\n  learning_rate: 1e-3\n  optimizer:\n    type: adamw_8bit\n"
+  chex.assert_trees_all_close(_updates(op.from_config(text)), _updates(op.adamw_8bit(1e-3, weight_decay=0.0)),
+                              rtol=1e-6, atol=1e-9)
+
+
+def test_trainer_gradient_clipping_is_applied_and_scheduler_replaced_by_learning_rate():
+  doc = {"trainer": {"learning_rate": 0.1, "optimizer": {"type": "sgd"},
+                     "gradient_clipping": {"clipglobalnorm": 1e-3, "clipnorm": None, "clipvalue": 1e-4}}}
+  expected = optax.chain(optax.clip_by_global_norm(1e-3), optax.clip(1e-4), optax.sgd(0.1))
+  chex.assert_trees_all_close(_updates(op.from_config(doc)), _updates(expected), rtol=1e-6, atol=1e-12)
+  doc["trainer"]["learning_rate_scheduler"] = {"decay": "cosine"}
+  schedule = optax.cosine_decay_schedule(0.1, 100)
+  expected = optax.chain(optax.clip_by_global_norm(1e-3), optax.clip(1e-4), optax.sgd(schedule))
+  chex.assert_trees_all_close(_updates(op.from_config(doc, learning_rate=schedule)), _updates(expected),
+                              rtol=1e-6, atol=1e-12)
