@@ -77,7 +77,11 @@ def _zip(template, source, fn, target):
   if isinstance(template, list) and isinstance(source, list) and len(template) == len(source):
     return [_zip(t, s, fn, target) for t, s in zip(template, source)]
   if isinstance(template, dict) and isinstance(source, dict) and template.keys() == source.keys():
-    return {k: _zip(template[k], source[k], fn, target) for k in template}
+    items = [(k, _zip(template[k], source[k], fn, target)) for k in template]
+    try:  # the template's type and order (optax.named_chain's OrderedDict)
+      return type(template)(items)
+    except TypeError:
+      return dict(items)
   return source
 
 
@@ -168,9 +172,14 @@ def _count(node):
   """A state node's step count (0 for states without one, like TraceState).
 
   Read as a field: ``node.count`` on a NamedTuple without that field is
-  ``tuple.count``, a method.
+  ``tuple.count``, a method. Returned as it is (``flax.nnx.Optimizer`` wraps
+  it in an ``OptArray``, which the converted state must keep).
   """
-  return jnp.asarray(node.count if "count" in node._fields else 0, jnp.int32)
+  return node.count if "count" in node._fields else jnp.zeros([], jnp.int32)
+
+
+# State fields that hold moments (the parameters' shapes) in optax and here.
+_MOMENT_FIELDS = ("mu", "nu", "m1", "m2", "trace", "sum_of_squares")
 
 
 def _like(template_leaf, value):
@@ -212,7 +221,10 @@ def quantize_state(fp32_state, tx, params=None):
 
   Returns:
     A state of ``tx`` holding the same moments (to the codec's precision)
-    and step count.
+    and step count, in device memory: for a paged ``tx`` move it with
+    ``optax_paged.place(state, policy)`` (or let the first update do it,
+    which compiles the step once more). An 8-bit state is decoded first, so
+    this also changes a state's ``block_size``.
   """
   template = jax.eval_shape(tx.init, params if params is not None else _params_like(fp32_state))
   encoded = []
@@ -221,6 +233,13 @@ def quantize_state(fp32_state, tx, params=None):
     if not (isinstance(s_node, tuple) and hasattr(s_node, "_fields")):
       raise ValueError(f"{type(t_node).__name__} lines up with a {type(s_node).__name__} in the "
                        "float32 state, not with an optimizer state.")
+    if _is_8bit_state(s_node):  # already 8-bit (e.g. to change block_size): decode first
+      s_node = _float_form(s_node)
+    unused = [f for f in _MOMENT_FIELDS if f in s_node._fields and f not in t_node.SIGNED]
+    if unused:
+      raise ValueError(
+          f"{type(s_node).__name__} holds moment(s) {', '.join(unused)} that "
+          f"{type(t_node).__name__} has no place for: is this the state of another optimizer?")
     values = {"count": _count(s_node)}
     for name, signed in t_node.SIGNED.items():
       if name not in s_node._fields:
@@ -256,6 +275,7 @@ def quantize_state(fp32_state, tx, params=None):
   targets = []
   _zip(template, template, lambda t, s: targets.append(t), lambda t, s: _is_8bit_state(t))
   _check_all_converted(len(encoded), len(targets), "float32 state", "tx's state",
-                       "tx has no 8-bit optimizer state: pass an optax_paged 8-bit "
-                       "transformation (e.g. adamw_8bit(...)).")
+                       "tx's state holds no 8-bit moments to quantize: pass an optax_paged "
+                       "8-bit transformation with state (e.g. adamw_8bit(...); sgd_8bit without "
+                       "momentum has none).")
   return out

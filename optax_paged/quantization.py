@@ -358,14 +358,29 @@ def encode(
   # One gather with one use, so that XLA fuses it into its consumer (a
   # gather used twice would be stored: 3x slower on CPU; two gathers, code
   # and threshold, measured ~20% slower than this).
-  return encode_normalized_lut(
-      xb * _safe_inverse(absmax)[..., None], signed, lambda cell: lookup(carry, cell))
+  return encode_normalized_lut(normalize(xb, absmax), signed, lambda cell: lookup(carry, cell))
 
 
 def _safe_inverse(absmax: jax.Array) -> jax.Array:
   """``1 / absmax``, and 0 for empty blocks (``absmax == 0``)."""
   safe = absmax > 0
   return jnp.where(safe, 1.0 / jnp.where(safe, absmax, 1.0), 0.0)
+
+
+# Above this a block scale's reciprocal is subnormal, which CPUs (and GPU
+# kernels) flush to zero: the whole block would encode to the zero code.
+_HUGE_SCALE = 2.0**126
+
+
+def normalize(xb: jax.Array, absmax: jax.Array) -> jax.Array:
+  """``xb * (1 / absmax)`` per block, as bitsandbytes rounds it (0 for empty blocks).
+
+  Blocks whose scale exceeds ``2**126`` are first multiplied by ``2**-64``
+  (values and scale alike; exact), so that the reciprocal stays a normal
+  number; every other block multiplies by exactly 1.
+  """
+  shrink = jnp.where(absmax > _HUGE_SCALE, 2.0**-64, 1.0)
+  return (xb * shrink[..., None]) * _safe_inverse(absmax * shrink)[..., None]
 
 
 def encode_normalized_lut(y: jax.Array, signed: bool, carry_lookup: Callable) -> jax.Array:
@@ -433,7 +448,7 @@ def encode_arith(
 
   Same codes as :func:`encode`, bit for bit. Args and returns: as :func:`encode`.
   """
-  return encode_normalized(xb * _safe_inverse(absmax)[..., None], signed, keep_nonzero)
+  return encode_normalized(normalize(xb, absmax), signed, keep_nonzero)
 
 
 def encode_normalized(y: jax.Array, signed: bool, keep_nonzero: bool = False) -> jax.Array:
@@ -539,12 +554,16 @@ def dequantize_blockwise(
   block_size = check_block_size(block_size)
   shape = q.codes.shape
   expected = absmax_shape(shape, block_size)
-  if tuple(q.absmax.shape) != expected:
+  absmax = q.absmax
+  if tuple(absmax.shape) != expected and tuple(absmax.shape) == (math.prod(expected),):
+    absmax = absmax.reshape(expected)  # bitsandbytes' layout: one flat array of scales
+  if tuple(absmax.shape) != expected:
     raise ValueError(
         f"absmax has shape {tuple(q.absmax.shape)} but codes of shape {shape} "
-        f"with block_size={block_size} need {expected}: wrong block_size?"
+        f"with block_size={block_size} need {expected} (or {math.prod(expected)} scales in "
+        "one flat array, as bitsandbytes stores them): wrong block_size?"
     )
-  return _dequantize(q.codes, q.absmax, bool(signed), block_size)
+  return _dequantize(q.codes, absmax, bool(signed), block_size)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))

@@ -180,6 +180,14 @@ def _safe_inverse(absmax):
   return jnp.where(safe, 1.0 / jnp.where(safe, absmax, 1.0), 0.0)
 
 
+def _normalize(x, absmax):
+  """``x * (1 / absmax)``; scales above 2**126 (whose reciprocal would be
+  subnormal, flushed to zero) first shrink values and scale by 2**-64, exactly.
+  The XLA path's ``quantization.normalize``."""
+  shrink = jnp.where(absmax > 2.0**126, 2.0**-64, 1.0)
+  return (x * shrink) * _safe_inverse(absmax * shrink)
+
+
 def _call(kernel, out_shape, in_specs, out_specs, grid, aliases, platform, interpret, name,
           num_warps=None):
   return pl.pallas_call(
@@ -254,7 +262,7 @@ def fused_update(
     for n, enc, oc, oa in zip(new, encoders, oc_refs, oa_refs):
       scale = jnp.max(jnp.abs(n), axis=1, keepdims=True)
       oa[...] = scale
-      oc[...] = enc(n * _safe_inverse(scale), t_refs)
+      oc[...] = enc(_normalize(n, scale), t_refs)
 
   args = [hvec, grad, *tables, *codes, *(a.reshape(num_blocks, 1) for a in absmax)]
   tiled = [False, True] + [False] * nt + [True] * (2 * k)
@@ -300,7 +308,7 @@ def quantize(
     scale = jnp.max(jnp.where(mag < jnp.inf, mag, 0.0), axis=1, keepdims=True)
     a_ref[...] = scale
     v = jnp.where(v == v, v, 0.0)  # NaN -> 0
-    c_ref[...] = encoder(v * _safe_inverse(scale), t_refs)
+    c_ref[...] = encoder(_normalize(v, scale), t_refs)
 
   codes, scale = _tiled_call(
       kernel, [x, *tables], [True] + [False] * nt,

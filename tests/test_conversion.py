@@ -138,8 +138,13 @@ def test_mismatched_states_are_refused():
   clipped = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)).init(params)
   with pytest.raises(ValueError, match="0 of 1 8-bit state nodes were matched"):
     op.quantize_state(clipped, op.adamw_8bit(1e-3))  # used to return the float32 state unchanged
-  with pytest.raises(ValueError, match="no 8-bit optimizer state"):
+  with pytest.raises(ValueError, match="holds no 8-bit moments"):
     op.quantize_state(optax.adamw(1e-3).init(params), optax.adamw(1e-3))
+  # Another optimizer's state whose names happen to fit: Adam's nu would be dropped.
+  with pytest.raises(ValueError, match="moment.* nu .*another optimizer"):
+    op.quantize_state(optax.adamw(1e-3).init(params), op.lion_8bit(1e-3))
+  with pytest.raises(ValueError, match="moment.* mu .*another optimizer"):
+    op.quantize_state(optax.adamw(1e-3).init(params), op.rmsprop_8bit(1e-3))
   with pytest.raises(ValueError, match="0 of 1 8-bit state nodes were matched"):
     op.dequantize_state(op.adamw_8bit(1e-3).init(params), optax.chain(optax.clip(1.0), optax.adam(1e-3)))
   # A moment of another shape (same number of blocks once a block size is guessed).
@@ -178,3 +183,51 @@ def test_multi_transform_groups_convert_without_params():
                               op.dequantize_state(s8, tx32, params=PARAMS))
   _, s32 = _train(tx32, tx32.init(PARAMS), 3)
   chex.assert_trees_all_equal(op.quantize_state(s32, tx8), op.quantize_state(s32, tx8, params=PARAMS))
+
+
+def _moments_of(state):
+  return [np.asarray(x) for x in jax.tree.leaves(op.dequantize_state(state)) if np.ndim(x) == 2]
+
+
+def test_an_8bit_state_is_decoded_first_so_block_size_can_change():
+  params = {"w": jnp.ones((64, 1024))}
+  tx = op.adamw_8bit(1e-3)
+  state = tx.init(params)
+  for i in range(3):
+    _, state = tx.update({"w": jax.random.normal(jax.random.PRNGKey(i), (64, 1024))}, state, params)
+  again = op.quantize_state(state, tx)  # used to quantize the codes 0..255 as if they were moments
+  for a, b in zip(_moments_of(state), _moments_of(again)):
+    np.testing.assert_allclose(b, a, atol=0.02 * np.abs(a).max())  # one more rounding at most
+  reblocked = op.quantize_state(state, op.adamw_8bit(1e-3, block_size=64))
+  assert reblocked[0].mu_absmax["w"].shape == (64, 16)
+  for a, b in zip(_moments_of(state), _moments_of(reblocked)):
+    np.testing.assert_allclose(b, a, atol=0.02 * np.abs(a).max())
+
+
+def test_converted_states_keep_container_types_and_nnx_wrappers():
+  params = {"w": jnp.ones((64, 256))}
+  fp32 = optax.named_chain(("zz", optax.clip(1.0)), ("adam", optax.adam(1e-3)))
+  ours = optax.named_chain(("zz", optax.clip(1.0)), ("adam", op.adam_8bit(1e-3, min_8bit_size=0)))
+  converted = op.quantize_state(fp32.init(params), ours)
+  assert jax.tree.structure(converted) == jax.tree.structure(ours.init(params))
+  back = op.dequantize_state(converted, fp32)
+  assert jax.tree.structure(back) == jax.tree.structure(fp32.init(params))
+
+  from flax import nnx
+  model = nnx.Linear(256, 64, rngs=nnx.Rngs(0))
+  opt32 = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+  opt8 = nnx.Optimizer(model, op.adam_8bit(1e-3, min_8bit_size=0), wrt=nnx.Param)
+  opt8.opt_state = op.quantize_state(opt32.opt_state, op.adam_8bit(1e-3, min_8bit_size=0))
+  grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
+  opt8.update(model, grads)  # a bare count used to make the assignment above fail
+  assert int(opt8.opt_state[0].count[...]) == 1
+  opt32.opt_state = op.dequantize_state(opt8.opt_state, optax.adam(1e-3))
+  opt32.update(model, grads)
+
+
+def test_bitsandbytes_flat_absmax_is_accepted():
+  x = jax.random.normal(jax.random.PRNGKey(0), (64, 1024))
+  q = op.quantize_blockwise(x)
+  flat = op.QuantizedArray(q.codes, q.absmax.reshape(-1))
+  np.testing.assert_array_equal(np.asarray(op.dequantize_blockwise(flat)),
+                                np.asarray(op.dequantize_blockwise(q)))

@@ -126,6 +126,22 @@ def test_codec_kernels_equal_xla_codec(signed, block_size, shape, codec):
   np.testing.assert_array_equal(np.asarray(y_p), np.asarray(y))
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_blocks_with_huge_scales_encode_like_any_other(signed):
+  # Above 2**126 a scale's reciprocal is subnormal; flushed to zero it made
+  # the whole block encode to the zero code.
+  x = jax.random.normal(jax.random.PRNGKey(3), (4, 256))
+  x = x.at[1].multiply(1e37).at[2].multiply(1e-30)
+  x = x if signed else jnp.abs(x)
+  q = qz.quantize_blockwise(x, signed=signed)
+  y = qz.dequantize_blockwise(q, signed=signed)
+  err = np.abs(np.asarray(y) - np.asarray(x)).max(axis=1) / np.abs(np.asarray(x)).max(axis=1)
+  assert np.all(err < 0.01), err
+  codes, absmax = backend_lib.quantize_pallas(x, signed, 256, INTERPRET, "table")
+  np.testing.assert_array_equal(np.asarray(codes), np.asarray(q.codes))
+  np.testing.assert_array_equal(np.asarray(absmax), np.asarray(q.absmax))
+
+
 def _row_ranges(jaxpr):
   """``(first row, end row, array rows)`` of every tiled operand of every pallas_call."""
   out = []
