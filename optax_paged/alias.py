@@ -468,9 +468,21 @@ def _paged_variant(fn, *, elementwise: bool, twin: str):
 
   @functools.wraps(fn)
   def wrapper(*args, policy: OffloadPolicy | None = None, **kwargs):
+    bound = sig.bind_partial(*args, **kwargs).arguments
     if unchecked:
-      _check_learning_rate(sig.bind_partial(*args, **kwargs).arguments.get("learning_rate"))
-    return paged(fn(*args, **kwargs), policy, elementwise=elementwise)
+      _check_learning_rate(bound.get("learning_rate"))
+    split = elementwise
+    if callable(bound.get("mask")):
+      # A mask function sees the tree it is given: split per parameter or
+      # per page it would see other trees (None for the other parameters,
+      # row pages), and could decide differently without any error.
+      if policy is not None and policy.page_bytes is not None:
+        raise ValueError(
+            f"paged_{fn.__name__}: policy.page_bytes streams pages of rows, and a callable mask "
+            "would be called on those pages, not on the parameters. Pass mask as a pytree of "
+            "bools (e.g. mask(params)), or leave page_bytes unset.")
+      split = False  # whole update: the mask sees the parameters
+    return paged(fn(*args, **kwargs), policy, elementwise=split)
 
   policy = inspect.Parameter("policy", inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation="OffloadPolicy | None")

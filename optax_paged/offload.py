@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -64,8 +65,10 @@ class OffloadPolicy:
       as long as the running total fits (first fit). ``"auto"`` derives the
       budget once, when :func:`paged` is called, from the first device's
       ``memory_stats()``: ``bytes_limit - bytes_in_use - 10% of
-      bytes_limit``; where the backend reports no statistics (CPU), every
-      eligible leaf is offloaded.
+      bytes_limit`` (once per policy object, also when
+      ``optax.inject_hyperparams`` builds the transformation again); where
+      the backend reports no statistics (CPU), every eligible leaf is
+      offloaded.
     page_bytes: if set, offloaded leaves whose state exceeds this many bytes
       are streamed through the device in pages of about this size (row
       ranges of the parameter), one page at a time. Needs
@@ -214,16 +217,24 @@ def _commit(x):
   return x
 
 
-def place(state, policy: OffloadPolicy | None = None, *, memory_stats=None):
-  """Moves ``state``'s leaves to the memory kinds ``policy`` assigns them.
+def place(state, policy: OffloadPolicy | None = None, *, tx=None, params=None, memory_stats=None):
+  """Moves ``state``'s leaves to the memory kinds their optimizer keeps them in.
 
-  The same placement :func:`paged` gives its state. Use it after restoring a
-  checkpoint to device memory (the portable recipe; see the README), or to
-  page an existing state.
+  Use it after restoring a checkpoint to device memory (the portable recipe;
+  see the README), or to page an existing state.
+
+  With ``tx`` (the transformation whose state this is) and ``params``
+  (arrays or ``jax.ShapeDtypeStruct``s), each leaf goes where ``tx.init``
+  puts it: right for any state, including wrappers and chains around a
+  paged transformation (``optax.MultiSteps``' accumulated gradients stay on
+  the device). With only ``policy``, the policy is applied to every leaf of
+  ``state``: right for the state of ``paged(tx, policy)`` itself.
 
   Args:
     state: an optimizer state.
     policy: an :class:`OffloadPolicy` (default ``OffloadPolicy()``).
+    tx: optional transformation whose placement to reproduce.
+    params: the parameters (or their shapes), needed with ``tx``.
     memory_stats: as in :func:`paged`, for ``device_budget_bytes="auto"``.
 
   Returns:
@@ -231,15 +242,40 @@ def place(state, policy: OffloadPolicy | None = None, *, memory_stats=None):
     in ``device`` memory (unchanged where the backend has no host memory or
     the policy is disabled).
   """
+  if tx is not None:
+    if params is None:
+      raise ValueError("place(state, tx=...) needs params= (the parameters or their shapes) "
+                       "to find where tx.init puts each leaf.")
+    if not host_offload_supported():
+      return state
+    shardings = jax.jit(tx.init).lower(params).compile().output_shardings
+    kinds = [getattr(s, "memory_kind", None) == HOST for s in jax.tree.leaves(shardings)]
+    if len(kinds) != len(jax.tree.leaves(state)):
+      raise ValueError(f"state has {len(jax.tree.leaves(state))} leaves but tx.init(params) "
+                       f"gives {len(kinds)}: is it the state of this tx?")
+    return _place(state, kinds)
   policy = policy or OffloadPolicy()
+  if not isinstance(policy, OffloadPolicy):
+    raise TypeError(f"policy must be an OffloadPolicy, got {type(policy).__name__}.")
   if not policy.enabled or not host_offload_supported():
     return state
   return _place(state, placement(state, policy, _resolve_budget(policy, memory_stats)))
 
 
+# "auto" budgets, read once per policy object: optax.inject_hyperparams builds
+# the transformation again at init and at every update trace, when the state
+# itself already takes device memory; a second reading would move leaves.
+_AUTO_BUDGETS: dict[int, tuple[Any, int | None]] = {}
+
+
 def _resolve_budget(policy: OffloadPolicy, memory_stats=None) -> int | None:
   if policy.device_budget_bytes == "auto":
-    return _auto_budget(memory_stats)
+    known = _AUTO_BUDGETS.get(id(policy))
+    if known is not None and known[0]() is policy:
+      return known[1]
+    budget = _auto_budget(memory_stats)
+    _AUTO_BUDGETS[id(policy)] = (weakref.ref(policy), budget)
+    return budget
   if policy.device_budget_bytes is None:
     return None
   return int(policy.device_budget_bytes)

@@ -437,3 +437,48 @@ def test_auto_backend_is_xla_inside_paged(monkeypatch):
   tx = op.paged_adamw_8bit(1e-3, policy=SMALL)
   jax.jit(tx.update).lower(params, tx.init(params), params)
   assert seen and set(seen) == {(False, False)}
+
+
+def test_place_with_tx_keeps_wrapped_state_where_tx_keeps_it():
+  params = {"w": jax.random.normal(jax.random.PRNGKey(0), (256, 512))}
+  tx = optax.MultiSteps(op.paged_adamw_8bit(1e-3, policy=SMALL), every_k_schedule=2)
+  state = tx.init(params)
+  on_device = jax.device_put(state, jax.memory.Space.Device)
+  placed = op.place(on_device, tx=tx, params=params)
+  assert _kinds(placed) == _kinds(state)
+  assert "pinned_host" in _kinds(placed)
+  step = jax.jit(tx.update)
+  _, after = step(_grads(params, 0), placed, params)  # the policy alone would page acc_grads
+  assert _kinds(after) == _kinds(state)
+  with pytest.raises(ValueError, match="needs params="):
+    op.place(on_device, tx=tx)
+  with pytest.raises(TypeError, match="policy must be an OffloadPolicy, got dict"):
+    op.place(on_device, {"min_size": 0})
+
+
+def test_callable_masks_of_paged_aliases_see_the_parameters():
+  w = jax.random.normal(jax.random.PRNGKey(0), (512, 1024))
+  # A shape-dependent mask: on row pages it would drop the weight decay.
+  mask = lambda p: jax.tree.map(lambda x: x.ndim > 1 and x.shape[0] >= 512, p)  # noqa: E731
+  for params in (w, {"w": w, "b": jnp.ones(64)}):
+    paged = op.paged_adamw_8bit(1e-3, weight_decay=0.5, mask=mask, policy=SMALL)
+    plain = op.adamw_8bit(1e-3, weight_decay=0.5, mask=mask)
+    g = jax.tree.map(lambda x: x * 0.1, params)
+    u, _ = jax.jit(paged.update)(g, paged.init(params), params)
+    v, _ = jax.jit(plain.update)(g, plain.init(params), params)
+    chex.assert_trees_all_equal(u, v)
+  with pytest.raises(ValueError, match="callable mask"):
+    op.paged_adamw_8bit(1e-3, mask=mask, policy=op.OffloadPolicy(min_size=1000, page_bytes=65536))
+
+
+def test_auto_budget_is_read_once_per_policy():
+  reads = []
+
+  def stats():
+    reads.append(1)
+    return {"bytes_limit": 2**30, "bytes_in_use": 2**29 * len(reads)}
+
+  policy = op.OffloadPolicy(min_size=0, device_budget_bytes="auto")
+  first = offload._resolve_budget(policy, stats)
+  assert offload._resolve_budget(policy, stats) == first and len(reads) == 1
+  assert offload._resolve_budget(op.OffloadPolicy(min_size=0, device_budget_bytes="auto"), stats) != first
