@@ -262,19 +262,20 @@ def place(state, policy: OffloadPolicy | None = None, *, tx=None, params=None, m
   return _place(state, placement(state, policy, _resolve_budget(policy, memory_stats)))
 
 
-# "auto" budgets, read once per policy object: optax.inject_hyperparams builds
-# the transformation again at init and at every update trace, when the state
-# itself already takes device memory; a second reading would move leaves.
-_AUTO_BUDGETS: dict[int, tuple[Any, int | None]] = {}
+# "auto" budgets, read once per policy object (and statistics source):
+# optax.inject_hyperparams builds the transformation again at init and at
+# every update trace, when the state itself already takes device memory; a
+# second reading would move leaves.
+_AUTO_BUDGETS: dict[int, tuple[Any, Any, int | None]] = {}
 
 
 def _resolve_budget(policy: OffloadPolicy, memory_stats=None) -> int | None:
   if policy.device_budget_bytes == "auto":
     known = _AUTO_BUDGETS.get(id(policy))
-    if known is not None and known[0]() is policy:
-      return known[1]
+    if known is not None and known[0]() is policy and known[1] is memory_stats:
+      return known[2]
     budget = _auto_budget(memory_stats)
-    _AUTO_BUDGETS[id(policy)] = (weakref.ref(policy), budget)
+    _AUTO_BUDGETS[id(policy)] = (weakref.ref(policy), memory_stats, budget)
     return budget
   if policy.device_budget_bytes is None:
     return None

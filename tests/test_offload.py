@@ -482,3 +482,9 @@ def test_auto_budget_is_read_once_per_policy():
   first = offload._resolve_budget(policy, stats)
   assert offload._resolve_budget(policy, stats) == first and len(reads) == 1
   assert offload._resolve_budget(op.OffloadPolicy(min_size=0, device_budget_bytes="auto"), stats) != first
+  # inject_hyperparams builds the transformation at init and at each trace:
+  # the leaves keep their memory kinds.
+  tx = optax.inject_hyperparams(op.paged_adamw_8bit, static_args=("policy",))(1e-3, policy=policy)
+  params = {"w": jnp.ones((256, 512))}
+  state = tx.init(params)
+  assert _kinds(jax.jit(tx.update)(params, state, params)[1]) == _kinds(state)
