@@ -15,7 +15,7 @@ import inspect
 import optax
 
 from optax_paged import transform
-from optax_paged.offload import OffloadPolicy, paged
+from optax_paged.offload import OffloadPolicy, host_offload_supported, paged
 from optax_paged.transform import QuantizeMask, check_hyperparam, with_extras_doc
 
 
@@ -472,11 +472,12 @@ def _paged_variant(fn, *, elementwise: bool, twin: str):
     if unchecked:
       _check_learning_rate(bound.get("learning_rate"))
     split = elementwise
-    if callable(bound.get("mask")):
+    if elementwise and callable(bound.get("mask")):
       # A mask function sees the tree it is given: split per parameter or
       # per page it would see other trees (None for the other parameters,
       # row pages), and could decide differently without any error.
-      if policy is not None and policy.page_bytes is not None:
+      if (policy is not None and policy.enabled and policy.page_bytes is not None
+          and host_offload_supported()):
         raise ValueError(
             f"paged_{fn.__name__}: policy.page_bytes streams pages of rows, and a callable mask "
             "would be called on those pages, not on the parameters. Pass mask as a pytree of "

@@ -63,11 +63,12 @@ class OffloadPolicy:
       rest ("page only when memory runs out"): leaves below ``min_size``
       always stay and count first; eligible leaves then stay, in tree order,
       as long as the running total fits (first fit). ``"auto"`` derives the
-      budget once, when :func:`paged` is called, from the first device's
-      ``memory_stats()``: ``bytes_limit - bytes_in_use - 10% of
-      bytes_limit`` (once per policy object, also when
-      ``optax.inject_hyperparams`` builds the transformation again); where
-      the backend reports no statistics (CPU), every eligible leaf is
+      budget from the first device's ``memory_stats()``:
+      ``bytes_limit - bytes_in_use - 10% of bytes_limit``, read once per
+      policy object, when the first transformation is built with it (so
+      ``optax.inject_hyperparams``, which builds it again at every trace,
+      keeps that reading; a new ``OffloadPolicy`` reads again); where the
+      backend reports no statistics (CPU), every eligible leaf is
       offloaded.
     page_bytes: if set, offloaded leaves whose state exceeds this many bytes
       are streamed through the device in pages of about this size (row
@@ -265,17 +266,29 @@ def place(state, policy: OffloadPolicy | None = None, *, tx=None, params=None, m
 # "auto" budgets, read once per policy object (and statistics source):
 # optax.inject_hyperparams builds the transformation again at init and at
 # every update trace, when the state itself already takes device memory; a
-# second reading would move leaves.
-_AUTO_BUDGETS: dict[int, tuple[Any, Any, int | None]] = {}
+# second reading would move leaves. An entry goes with its policy.
+_AUTO_BUDGETS: dict[int, tuple[Any, int | None]] = {}
+
+
+def _stats_source(memory_stats):
+  """What a statistics function reads: a bound method (``device.memory_stats``)
+  is a new object at each access, equal by its object and function (ids)."""
+  owner, func = getattr(memory_stats, "__self__", None), getattr(memory_stats, "__func__", None)
+  if owner is not None and func is not None:
+    return ("method", id(owner), id(func))
+  return ("function", id(memory_stats))
 
 
 def _resolve_budget(policy: OffloadPolicy, memory_stats=None) -> int | None:
   if policy.device_budget_bytes == "auto":
+    source = _stats_source(memory_stats)
     known = _AUTO_BUDGETS.get(id(policy))
-    if known is not None and known[0]() is policy and known[1] is memory_stats:
-      return known[2]
+    if known is not None and known[0] == source:
+      return known[1]
     budget = _auto_budget(memory_stats)
-    _AUTO_BUDGETS[id(policy)] = (weakref.ref(policy), memory_stats, budget)
+    if known is None:
+      weakref.finalize(policy, _AUTO_BUDGETS.pop, id(policy), None)
+    _AUTO_BUDGETS[id(policy)] = (source, budget)
     return budget
   if policy.device_budget_bytes is None:
     return None
@@ -396,7 +409,7 @@ def _paths(tree) -> dict:
 
 
 def _sds(x):
-  return jax.ShapeDtypeStruct(x.shape, x.dtype)
+  return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
 
 
 def _pruned(treedef, leaves, keep: dict):

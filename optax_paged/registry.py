@@ -21,13 +21,16 @@ same. Adagrad adds ``eps`` outside the square root, as PyTorch and
 bitsandbytes do.
 
 From a whole Ludwig document only ``trainer.learning_rate``,
-``trainer.optimizer`` and ``trainer.gradient_clipping`` are read
-(``clipglobalnorm`` and ``clipnorm`` become ``optax.clip_by_global_norm``,
-``clipvalue`` ``optax.clip``, applied before the optimizer as Ludwig's
-trainer does). Ludwig clips to a global norm of 0.5 when the document has no
-``gradient_clipping``; that default is not added here: write it out to get
-it. A ``trainer.learning_rate_scheduler`` is refused unless ``learning_rate=``
-is given (an optax schedule replaces the document's rate and scheduler).
+``trainer.optimizer``, ``trainer.gradient_clipping`` and
+``trainer.learning_rate_scheduler`` are read. Gradient clipping is Ludwig's
+trainer's, applied before the optimizer: ``clipglobalnorm`` (default 0.5, as
+in Ludwig, also when the section is absent; ``null`` or 0 turns it off) and
+``clipnorm`` become ``optax.clip_by_global_norm``, ``clipvalue``
+``optax.clip``. A scheduler that changes the rate (``decay``, warm-up,
+``reduce_on_plateau``) is refused unless ``learning_rate=`` is given (an optax
+schedule replaces the document's rate and scheduler); Ludwig's default one,
+which changes nothing, is accepted. An optimizer section alone gets no
+clipping.
 """
 
 from __future__ import annotations
@@ -132,13 +135,13 @@ class _Fields:
     if value != default:
       raise ValueError(f"{self.type}: {name}={value!r} is not supported ({why}).")
 
-  def number(self, name, default, low=0.0, high=None) -> float:
-    """A real number in ``[low, high]`` (Ludwig's ranges; YAML strings like ``1e-3`` too)."""
+  def number(self, name, default, low=0.0, high=None):
+    """A real number in ``[low, high]`` (Ludwig's ranges; YAML strings like ``1e-3`` too).
+
+    ``null`` means the default, as in Ludwig's schema.
+    """
     value = self.get(name, default)
-    if isinstance(value, str):
-      value = _parse_number(value, f"{self.type}: {name}")
-    check_hyperparam(f"{self.type}: {name}", value, low, high)
-    return float(value)
+    return _number(f"{self.type}: {name}", default if value is None else value, low, high)
 
   def flag(self, name, default: bool) -> bool:
     """A YAML boolean; anything else (e.g. the string ``"false"``) is refused."""
@@ -156,6 +159,18 @@ class _Fields:
     for v in value:
       check_hyperparam(f"{self.type}: {name}", v, 0.0, 1.0, high_open=True)
     return tuple(float(v) for v in value)
+
+
+def _number(what: str, value, low=0.0, high=None):
+  """``value`` as a float checked against ``[low, high]``; ``None`` stays ``None``."""
+  if value is None:
+    return None
+  if isinstance(value, str):
+    value = _parse_number(value, what)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f"{what} must be a number, got {value!r}.")
+  check_hyperparam(what, value, low, high)
+  return float(value)
 
 
 def _parse_number(text: str, what: str) -> float:
@@ -241,7 +256,7 @@ def _lamb(name, lr, f: _Fields):
 def _lars(name, lr, f: _Fields):
   f.default_only("dampening", 0.0, "optax's momentum has no dampening")
   f.default_only("max_unorm", 1.0, "the trust ratio is optax's, not bitsandbytes' update-norm clip")
-  momentum = f.number("momentum", 0.9)  # Ludwig's default
+  momentum = f.number("momentum", 0.9, high=1.0)  # Ludwig's default and range
   if not momentum:
     raise ValueError(f"{name}: momentum=0 is not supported (bitsandbytes' LARS, which Ludwig "
                      "runs, refuses LARS without momentum; Ludwig's default is 0.9).")
@@ -297,7 +312,10 @@ def _adafactor(name, lr, f: _Fields):
 def _schedule_free_adamw(name, lr, f: _Fields):
   b1, b2 = f.pair("betas", (0.9, 0.999))
   return optax.contrib.schedule_free_adamw(
-      lr, warmup_steps=f.get("warmup_steps", None), b1=b1, b2=b2, eps=f.number("eps", 1e-8),
+      # Ludwig's default warmup_steps is 0, which optax's warm-up schedule
+      # would turn into a learning rate of 0 forever: no warm-up is None.
+      lr, warmup_steps=int(f.get("warmup_steps", 0) or 0) or None, b1=b1, b2=b2,
+      eps=f.number("eps", 1e-8),
       weight_decay=f.number("weight_decay", 0.0),
       weight_lr_power=f.number("weight_lr_power", 2.0))
 
@@ -426,7 +444,7 @@ def from_config(config, learning_rate=None) -> optax.GradientTransformation:
   clip_trainer = None
   if "trainer" in doc:
     trainer = doc["trainer"] or {}
-    if trainer.get("learning_rate_scheduler") and learning_rate is None:
+    if _scheduler_changes_rate(trainer.get("learning_rate_scheduler")) and learning_rate is None:
       raise ValueError(
           "trainer.learning_rate_scheduler is not converted: pass the schedule as "
           "learning_rate= (an optax schedule, e.g. optax.warmup_cosine_decay_schedule), which "
@@ -434,7 +452,7 @@ def from_config(config, learning_rate=None) -> optax.GradientTransformation:
     if learning_rate is None:
       learning_rate = trainer.get("learning_rate")
     section = trainer.get("optimizer", {"type": "adam"})
-    clip_trainer = _gradient_clipping(trainer.get("gradient_clipping"))
+    clip_trainer = _gradient_clipping(trainer.get("gradient_clipping") or {})
   elif "optimizer" in doc and "type" not in doc:
     section = doc["optimizer"]
   if not isinstance(section, Mapping) or "type" not in section:
@@ -475,7 +493,8 @@ def from_config(config, learning_rate=None) -> optax.GradientTransformation:
   return tx if clip_trainer is None else optax.chain(clip_trainer, tx)
 
 
-_CLIPPING_FIELDS = ("clipglobalnorm", "clipnorm", "clipvalue")
+# Ludwig's GradientClippingConfig defaults.
+_CLIPPING_DEFAULTS = {"clipglobalnorm": 0.5, "clipnorm": None, "clipvalue": None}
 
 
 def _gradient_clipping(section) -> optax.GradientTransformation | None:
@@ -483,22 +502,33 @@ def _gradient_clipping(section) -> optax.GradientTransformation | None:
 
   Ludwig's trainer clips with ``torch.nn.utils.clip_grad_norm_`` over all
   parameters for ``clipglobalnorm`` and then ``clipnorm`` (both global
-  norms), then ``clip_grad_value_`` for ``clipvalue``.
+  norms), then ``clip_grad_value_`` for ``clipvalue``; absent fields take
+  their defaults (``clipglobalnorm: 0.5``).
   """
-  if not section:
-    return None
   if not isinstance(section, Mapping):
     raise ValueError(f"trainer.gradient_clipping must be a mapping, got {section!r}.")
-  unknown = sorted(set(section) - set(_CLIPPING_FIELDS))
+  unknown = sorted(set(section) - set(_CLIPPING_DEFAULTS))
   if unknown:
     raise ValueError(f"trainer.gradient_clipping does not take field(s) {', '.join(unknown)}; "
-                     f"accepted: {', '.join(_CLIPPING_FIELDS)}.")
+                     f"accepted: {', '.join(_CLIPPING_DEFAULTS)}.")
   steps = []
-  for name in _CLIPPING_FIELDS:
-    value = section.get(name)
-    if value is None or value == 0:  # Ludwig skips a falsy threshold
+  for name, default in _CLIPPING_DEFAULTS.items():
+    value = _number(f"trainer.gradient_clipping.{name}", section.get(name, default))
+    if not value:  # Ludwig skips a null or zero threshold
       continue
-    check_hyperparam(f"trainer.gradient_clipping.{name}", value, 0.0)
-    steps.append(optax.clip(float(value)) if name == "clipvalue"
-                 else optax.clip_by_global_norm(float(value)))
+    steps.append(optax.clip(value) if name == "clipvalue" else optax.clip_by_global_norm(value))
   return optax.chain(*steps) if steps else None
+
+
+def _scheduler_changes_rate(section) -> bool:
+  """Whether a Ludwig ``learning_rate_scheduler`` section changes the rate.
+
+  Ludwig writes the section into every config it saves; its defaults (no
+  decay, no warm-up, no reduction on plateau) leave the rate constant.
+  """
+  if not section:
+    return False
+  if not isinstance(section, Mapping):
+    raise ValueError(f"trainer.learning_rate_scheduler must be a mapping, got {section!r}.")
+  return bool(section.get("decay") or section.get("reduce_on_plateau")
+              or section.get("warmup_evaluations") or section.get("warmup_fraction"))

@@ -19,10 +19,10 @@ from the parameters' (global) shapes; ``update`` follows that choice as it
 shows in the state's arrays (``uint8`` codes), so it holds inside
 ``shard_map``, where a leaf's shard may be smaller than ``min_8bit_size``.
 
-Non-finite values: if an element's gradient is not finite, or so large that
-its square overflows float32 (``|g| >= 2**64``, about 1.8e19, where Adam's
-second moment would become infinite), that element keeps all its previous
-moments (re-encoded with the block's new scale) and its update is NaN, so the
+Non-finite values: if an element's gradient is not finite (or, for
+optimizers with several moments like Adam, so large that its square
+overflows float32: ``|g| >= 2**64``, about 1.8e19, where the second moment
+would become infinite), that element keeps all its previous moments (re-encoded with the block's new scale) and its update is NaN, so the
 parameter shows the problem as it would with ``optax.adam``; every other
 element of the block is updated exactly as if the bad element were absent
 from the block maximum. A moment that overflows on its own (values near the
@@ -314,15 +314,19 @@ def _guard_nonfinite(grad, old, new, direction):
   Each moment is guarded by the gradient and that moment only, so that
   computing one moment never needs the others: on the XLA path each output
   is a separate fusion, and this keeps each one reading only what it needs.
-  The gradient's test is that its square is finite: a finite gradient whose
-  square overflows (``|g| >= 2**64``) would leave a first moment updated and
-  the second one kept, and the huge first moment would become its block's
-  scale; this way every moment of that element is kept.
+  With several moments (Adam, AdEMAMix: a first moment and the square of the
+  gradient in a second one) the gradient's test is that its square is
+  finite: a finite gradient whose square overflows (``|g| >= 2**64``) would
+  leave the first moment updated and the second one kept, and the huge first
+  moment would become its block's scale; this way every moment of that
+  element is kept. With one moment (Lion, momentum, RMSProp, Adagrad) such a
+  gradient is used as optax uses it.
   """
-  # |g| < 2**64 holds exactly when g*g is finite (NaN compares False); a
-  # compare, which every kernel backend lowers. (Testing g*g itself would
-  # share the rule's square and change how XLA rounds the second moment.)
-  finite_grad = jnp.abs(grad) < 2.0**64
+  # |x| < limit is a compare, which every kernel backend lowers; NaN compares
+  # False. |g| < 2**64 holds exactly when g*g is finite (testing g*g itself
+  # would share the rule's square and change how XLA rounds the second moment).
+  limit = 2.0**64 if len(new) > 1 else jnp.inf
+  finite_grad = jnp.abs(grad) < limit
   ok_each = [finite_grad & (jnp.abs(n) < jnp.inf) for n in new]
   new = tuple(jnp.where(ok, n, o) for ok, n, o in zip(ok_each, new, old))
   ok_all = ok_each[0]
@@ -492,6 +496,7 @@ def scale_by_rule_8bit(
 
   def update_fn(updates, state, params=None):
     del params
+    updates = jax.tree.map(jnp.asarray, updates)  # Python numbers too, as optax takes them
     count = optax.safe_increment(state.count)
     # float32 scalars, as the kernels read them: with Python floats XLA would
     # fold e.g. ``1 - b1`` in float64, and the two backends would round apart.

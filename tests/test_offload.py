@@ -469,6 +469,9 @@ def test_callable_masks_of_paged_aliases_see_the_parameters():
     chex.assert_trees_all_equal(u, v)
   with pytest.raises(ValueError, match="callable mask"):
     op.paged_adamw_8bit(1e-3, mask=mask, policy=op.OffloadPolicy(min_size=1000, page_bytes=65536))
+  # Nothing streams: no refusal.
+  op.paged_adamw_8bit(1e-3, mask=mask, policy=op.OffloadPolicy(page_bytes=65536, enabled=False))
+  op.paged_lamb_8bit(1e-3, mask=mask)
 
 
 def test_auto_budget_is_read_once_per_policy():
@@ -482,6 +485,16 @@ def test_auto_budget_is_read_once_per_policy():
   first = offload._resolve_budget(policy, stats)
   assert offload._resolve_budget(policy, stats) == first and len(reads) == 1
   assert offload._resolve_budget(op.OffloadPolicy(min_size=0, device_budget_bytes="auto"), stats) != first
+  # A bound method is a new object at each access, but equal: read once.
+  device = jax.devices()[0]
+  other = op.OffloadPolicy(min_size=0, device_budget_bytes="auto")
+  offload._resolve_budget(other, device.memory_stats)
+  assert offload._AUTO_BUDGETS[id(other)][0] == offload._stats_source(device.memory_stats)
+  key = id(other)
+  del other
+  import gc
+  gc.collect()
+  assert key not in offload._AUTO_BUDGETS  # entries go with their policy
   # inject_hyperparams builds the transformation at init and at each trace:
   # the leaves keep their memory kinds.
   tx = optax.inject_hyperparams(op.paged_adamw_8bit, static_args=("policy",))(1e-3, policy=policy)

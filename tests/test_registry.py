@@ -115,16 +115,19 @@ trainer:
     eps: 1.0e-8
     weight_decay: 0.0
 """
-  expected = _updates(op.paged_adamw_8bit(0.002, 0.9, 0.95, 1e-8, weight_decay=0.0))
+  # Ludwig's trainer clips gradients to global norm 0.5 unless told otherwise.
+  clip = optax.clip_by_global_norm(0.5)
+  expected = _updates(optax.chain(clip, op.paged_adamw_8bit(0.002, 0.9, 0.95, 1e-8, weight_decay=0.0)))
   chex.assert_trees_all_close(_updates(op.from_config(text)), expected, rtol=1e-6, atol=1e-9)
   path = tmp_path / "ludwig.yaml"
   path.write_text(text)
   chex.assert_trees_all_close(_updates(op.from_config(str(path))), expected, rtol=1e-6, atol=1e-9)
   chex.assert_trees_all_close(_updates(op.from_config(path)), expected, rtol=1e-6, atol=1e-9)
   # An explicit learning rate wins over the document's.
-  chex.assert_trees_all_close(_updates(op.from_config(text, learning_rate=0.001)),
-                              _updates(op.paged_adamw_8bit(0.001, 0.9, 0.95, 1e-8, weight_decay=0.0)),
-                              rtol=1e-6, atol=1e-9)
+  chex.assert_trees_all_close(
+      _updates(op.from_config(text, learning_rate=0.001)),
+      _updates(optax.chain(clip, op.paged_adamw_8bit(0.001, 0.9, 0.95, 1e-8, weight_decay=0.0))),
+      rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -160,6 +163,8 @@ trainer:
                       "optimizer": {"type": "adam"}}}, None, "clipnorms"),
         ({"trainer": {"learning_rate": 1e-3, "gradient_clipping": {"clipvalue": -1.0},
                       "optimizer": {"type": "adam"}}}, None, "clipvalue must be >= 0"),
+        ({"type": "sgd", "weight_decay": True}, 1e-3, "weight_decay must be a number"),
+        ({"type": "lars", "momentum": 1.5}, 1e-3, "momentum must be <= 1"),
     ],
 )
 def test_bad_configs_are_value_errors(config, lr, match):
@@ -242,7 +247,8 @@ def test_every_optimizer_rejects_a_bad_learning_rate(name, lr):
 
 def test_yaml_learning_rate_without_a_dot_is_a_number():
   # YAML 1.1 (PyYAML) reads 1e-3 as the string "1e-3"; Ludwig coerces it.
-  text = "trainer:\n  learning_rate: 1e-3\n  optimizer:\n    type: adamw_8bit\n"
+  text = ("trainer:\n  learning_rate: 1e-3\n  gradient_clipping:\n    clipglobalnorm: null\n"
+          "  optimizer:\n    type: adamw_8bit\n")
   chex.assert_trees_all_close(_updates(op.from_config(text)), _updates(op.adamw_8bit(1e-3, weight_decay=0.0)),
                               rtol=1e-6, atol=1e-9)
 
@@ -257,3 +263,17 @@ def test_trainer_gradient_clipping_is_applied_and_scheduler_replaced_by_learning
   expected = optax.chain(optax.clip_by_global_norm(1e-3), optax.clip(1e-4), optax.sgd(schedule))
   chex.assert_trees_all_close(_updates(op.from_config(doc, learning_rate=schedule)), _updates(expected),
                               rtol=1e-6, atol=1e-12)
+
+
+def test_ludwig_defaults_as_ludwig_writes_them():
+  # Ludwig saves a no-op scheduler section and null fields in every config.
+  doc = {"trainer": {"learning_rate": 0.1, "optimizer": {"type": "sgd", "weight_decay": None},
+                     "learning_rate_scheduler": {"decay": None, "warmup_evaluations": 0,
+                                                 "warmup_fraction": 0.0, "reduce_on_plateau": 0},
+                     "gradient_clipping": {}}}
+  expected = optax.chain(optax.clip_by_global_norm(0.5), optax.sgd(0.1))
+  chex.assert_trees_all_close(_updates(op.from_config(doc)), _updates(expected), rtol=1e-6, atol=1e-12)
+  # schedule_free_adamw with Ludwig's warmup_steps: 0 trains (optax's warm-up
+  # schedule over 0 steps is a learning rate of 0).
+  u = _updates(op.from_config({"type": "schedule_free_adamw", "warmup_steps": 0}, 1e-3))
+  assert float(jnp.abs(u[-1]["w"]).max()) > 0
