@@ -472,6 +472,10 @@ def _paged_variant(fn, *, elementwise: bool, twin: str):
     if unchecked:
       _check_learning_rate(bound.get("learning_rate"))
     split = elementwise
+    if not elementwise and policy is not None and policy.page_bytes is not None:
+      raise ValueError(
+          f"paged_{fn.__name__}: its trust ratio needs whole leaves, so policy.page_bytes "
+          "cannot be used; leave page_bytes unset (the state is then paged whole).")
     if elementwise and callable(bound.get("mask")):
       # A mask function sees the tree it is given: split per parameter or
       # per page it would see other trees (None for the other parameters,

@@ -501,3 +501,10 @@ def test_auto_budget_is_read_once_per_policy():
   params = {"w": jnp.ones((256, 512))}
   state = tx.init(params)
   assert _kinds(jax.jit(tx.update)(params, state, params)[1]) == _kinds(state)
+
+
+def test_trust_ratio_aliases_say_why_they_refuse_pages():
+  with pytest.raises(ValueError, match="paged_lamb_8bit: its trust ratio needs whole leaves"):
+    op.paged_lamb_8bit(1e-3, policy=op.OffloadPolicy(page_bytes=65536))
+  with pytest.raises(ValueError, match="paged_lars_8bit: its trust ratio needs whole leaves"):
+    op.paged_lars_8bit(1e-3, policy=op.OffloadPolicy(page_bytes=65536))
