@@ -270,20 +270,25 @@ def place(state, policy: OffloadPolicy | None = None, *, tx=None, params=None, m
 _AUTO_BUDGETS: dict[int, tuple[Any, int | None]] = {}
 
 
-def _stats_source(memory_stats):
+def _stats_source(memory_stats) -> tuple:
   """What a statistics function reads: a bound method (``device.memory_stats``)
-  is a new object at each access, equal by its object and function (ids)."""
+  is a new object at each access, the same by its object and function. The
+  cache holds these objects, so their ids cannot be reused while it does."""
   owner, func = getattr(memory_stats, "__self__", None), getattr(memory_stats, "__func__", None)
   if owner is not None and func is not None:
-    return ("method", id(owner), id(func))
-  return ("function", id(memory_stats))
+    return (owner, func)
+  return (memory_stats,)
+
+
+def _same_source(a: tuple, b: tuple) -> bool:
+  return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _resolve_budget(policy: OffloadPolicy, memory_stats=None) -> int | None:
   if policy.device_budget_bytes == "auto":
     source = _stats_source(memory_stats)
     known = _AUTO_BUDGETS.get(id(policy))
-    if known is not None and known[0] == source:
+    if known is not None and _same_source(known[0], source):
       return known[1]
     budget = _auto_budget(memory_stats)
     if known is None:

@@ -36,9 +36,11 @@ clipping.
 from __future__ import annotations
 
 import inspect
+import numbers
 import os
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import optax
 import optax.contrib
 
@@ -167,7 +169,7 @@ def _number(what: str, value, low=0.0, high=None):
     return None
   if isinstance(value, str):
     value = _parse_number(value, what)
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
     raise ValueError(f"{what} must be a number, got {value!r}.")
   check_hyperparam(what, value, low, high)
   return float(value)
@@ -417,7 +419,9 @@ def from_config(config, learning_rate=None) -> optax.GradientTransformation:
 
   Returns:
     An ``optax.GradientTransformation``; with ``percentile_clipping < 100``
-    it is ``optax.chain(percentile_clipping(p), optimizer)``.
+    it is ``optax.chain(percentile_clipping(p), optimizer)``, and from a
+    whole Ludwig document Ludwig's gradient clipping (by default
+    ``optax.clip_by_global_norm(0.5)``) comes first.
 
   Raises:
     ValueError: for an unknown type or field (naming it and listing what is

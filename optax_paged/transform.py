@@ -319,8 +319,9 @@ def _guard_nonfinite(grad, old, new, direction):
   finite: a finite gradient whose square overflows (``|g| >= 2**64``) would
   leave the first moment updated and the second one kept, and the huge first
   moment would become its block's scale; this way every moment of that
-  element is kept. With one moment (Lion, momentum, RMSProp, Adagrad) such a
-  gradient is used as optax uses it.
+  element is kept. With one moment such a gradient is used as optax uses it
+  (Lion, momentum); where that moment squares it (RMSProp, Adagrad) the
+  square overflows on its own, so the moment is kept and the update is NaN.
   """
   # |x| < limit is a compare, which every kernel backend lowers; NaN compares
   # False. |g| < 2**64 holds exactly when g*g is finite (testing g*g itself

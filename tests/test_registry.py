@@ -277,3 +277,7 @@ def test_ludwig_defaults_as_ludwig_writes_them():
   # schedule over 0 steps is a learning rate of 0).
   u = _updates(op.from_config({"type": "schedule_free_adamw", "warmup_steps": 0}, 1e-3))
   assert float(jnp.abs(u[-1]["w"]).max()) > 0
+  # Numbers from numpy (e.g. a config built in code) are numbers too.
+  chex.assert_trees_all_close(
+      _updates(op.from_config({"type": "sgd", "momentum": np.float32(0.9)}, 1e-3)),
+      _updates(optax.sgd(1e-3, momentum=float(np.float32(0.9)))), rtol=1e-6, atol=1e-12)
