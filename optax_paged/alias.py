@@ -23,9 +23,6 @@ def _check_learning_rate(learning_rate):
   check_hyperparam("learning_rate", learning_rate, 0.0)
 
 
-_check_no_dtype = transform.check_no_dtype
-
-
 def _extras(block_size, min_8bit_size, quantize_mask, backend) -> dict:
   return dict(block_size=block_size, min_8bit_size=min_8bit_size,
               quantize_mask=quantize_mask, backend=backend)
@@ -68,7 +65,7 @@ def adam_8bit(
     <https://arxiv.org/abs/2110.02861>`_, 2022.
   """
   _check_learning_rate(learning_rate)
-  _check_no_dtype("mu_dtype", mu_dtype)
+  transform.check_no_dtype("mu_dtype", mu_dtype)
   return optax.chain(
       transform.scale_by_adam_8bit(
           b1, b2, eps, eps_root, nesterov=nesterov, **_extras(block_size, min_8bit_size, quantize_mask, backend)),
@@ -118,7 +115,7 @@ def adamw_8bit(
     <https://arxiv.org/abs/2110.02861>`_, 2022.
   """
   _check_learning_rate(learning_rate)
-  _check_no_dtype("mu_dtype", mu_dtype)
+  transform.check_no_dtype("mu_dtype", mu_dtype)
   check_hyperparam("weight_decay", weight_decay, 0.0)
   return optax.chain(
       transform.scale_by_adam_8bit(
@@ -162,7 +159,7 @@ def lion_8bit(
     <https://arxiv.org/abs/2302.06675>`_, 2023.
   """
   _check_learning_rate(learning_rate)
-  _check_no_dtype("mu_dtype", mu_dtype)
+  transform.check_no_dtype("mu_dtype", mu_dtype)
   check_hyperparam("weight_decay", weight_decay, 0.0)
   return optax.chain(
       transform.scale_by_lion_8bit(
@@ -204,7 +201,7 @@ def sgd_8bit(
     deep learning <https://proceedings.mlr.press/v28/sutskever13.html>`_, 2013.
   """
   _check_learning_rate(learning_rate)
-  _check_no_dtype("accumulator_dtype", accumulator_dtype)
+  transform.check_no_dtype("accumulator_dtype", accumulator_dtype)
   transform.check_8bit_options(block_size, min_8bit_size, backend)  # also without momentum
   inner = optax.identity() if momentum is None else transform.trace_8bit(
       momentum, nesterov, **_extras(block_size, min_8bit_size, quantize_mask, backend))
@@ -346,7 +343,7 @@ def ademamix_8bit(
     <https://arxiv.org/abs/2409.03137>`_, 2024.
   """
   _check_learning_rate(learning_rate)
-  _check_no_dtype("mu_dtype", mu_dtype)
+  transform.check_no_dtype("mu_dtype", mu_dtype)
   check_hyperparam("weight_decay", weight_decay, 0.0)
   return optax.chain(
       transform.scale_by_ademamix_8bit(

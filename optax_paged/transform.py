@@ -22,7 +22,8 @@ shows in the state's arrays (``uint8`` codes), so it holds inside
 Non-finite values: if an element's gradient is not finite (or, for
 optimizers with several moments like Adam, so large that its square
 overflows float32: ``|g| >= 2**64``, about 1.8e19, where the second moment
-would become infinite), that element keeps all its previous moments (re-encoded with the block's new scale) and its update is NaN, so the
+would become infinite), that element keeps all its previous moments
+(re-encoded with the block's new scale) and its update is NaN, so the
 parameter shows the problem as it would with ``optax.adam``; every other
 element of the block is updated exactly as if the bad element were absent
 from the block maximum. A moment that overflows on its own (values near the
