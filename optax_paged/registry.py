@@ -154,16 +154,12 @@ class _Fields:
 
   def pair(self, name, default):
     value = tuple(self.get(name, default))
-    if len(value) != 2:
+    if len(value) != 2 or None in value:
       raise ValueError(f"{self.type}: {name} must hold two numbers, got {value!r}.")
-    value = tuple(_parse_number(v, f"{self.type}: {name}") if isinstance(v, str) else v
-                  for v in value)
-    for v in value:
-      check_hyperparam(f"{self.type}: {name}", v, 0.0, 1.0, high_open=True)
-    return tuple(float(v) for v in value)
+    return tuple(_number(f"{self.type}: {name}", v, 0.0, 1.0, high_open=True) for v in value)
 
 
-def _number(what: str, value, low=0.0, high=None):
+def _number(what: str, value, low=0.0, high=None, *, high_open=False):
   """``value`` as a float checked against ``[low, high]``; ``None`` stays ``None``."""
   if value is None:
     return None
@@ -171,7 +167,7 @@ def _number(what: str, value, low=0.0, high=None):
     value = _parse_number(value, what)
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
     raise ValueError(f"{what} must be a number, got {value!r}.")
-  check_hyperparam(what, value, low, high)
+  check_hyperparam(what, value, low, high, high_open=high_open)
   return float(value)
 
 
