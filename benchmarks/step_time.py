@@ -11,6 +11,10 @@ are importable (the ``parity`` extra), bitsandbytes' CPU ``AdamW8bit`` and
 ``torch.optim.AdamW`` run on the same shapes in the same rounds. Usage:
 
     python benchmarks/step_time.py [--repeats 20] [--optimizers adamw,adamw_8bit,...] [--no-torch]
+
+An optimizer name may end in ``:xla``, ``:native`` or ``:pallas`` to force
+that backend of an 8-bit optimizer (e.g. ``adamw_8bit:xla``, the jax.numpy
+path that ``"auto"`` used on CPU before the native kernel).
 """
 
 from __future__ import annotations
@@ -140,10 +144,17 @@ def time_steps(txs, params, grads, repeats, with_torch=False):
           for name in steppers}
 
 
+def _create(name):
+  """``registry.create(name, 1e-3)``; ``name:backend`` forces an 8-bit backend."""
+  base, _, backend = name.partition(":")
+  return registry.create(base, 1e-3, **({"backend": backend} if backend else {}))
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--repeats", type=int, default=20)
-  parser.add_argument("--optimizers", default="adamw,adamw_8bit,lion,lion_8bit,paged_adamw_8bit")
+  parser.add_argument("--optimizers",
+                      default="adamw,adamw_8bit,adamw_8bit:xla,lion,lion_8bit,paged_adamw_8bit")
   parser.add_argument("--workloads", default=",".join(WORKLOADS))
   parser.add_argument("--no-torch", action="store_true",
                       help="skip bitsandbytes' AdamW8bit and torch's AdamW even if installed")
@@ -163,7 +174,7 @@ def main(argv=None):
     print(f"\n{wname}: {n / 1e6:.2f}M parameters in {len(jax.tree.leaves(params))} leaves")
     print(f"{'optimizer':<20} {'median ms':>10} {'x adamw':>8} {'state MiB':>10} {'bytes/param':>12} "
           f"{'step temp MiB':>14} {'faults/step':>12}")
-    results = time_steps({name: registry.create(name, 1e-3) for name in names}, params, grads,
+    results = time_steps({name: _create(name) for name in names}, params, grads,
                          args.repeats, with_torch=not args.no_torch)
     base = results["adamw"][0]
     for name, (sec, nbytes, temp, faults) in results.items():

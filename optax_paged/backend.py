@@ -1,15 +1,20 @@
-"""Which implementation runs the 8-bit update: Pallas kernels or XLA.
+"""Which implementation runs the 8-bit update: Pallas, native CPU kernel or XLA.
 
 ``backend="auto"`` (the default of every 8-bit transformation) uses the
-Pallas kernels on a single GPU or TPU and the XLA (``jax.numpy``) path
-everywhere else: on CPU, and when the process sees several devices, since a
-Pallas call is not split by the SPMD partitioner (a sharded leaf would be
-gathered), while the XLA path keeps shards local. ``"pallas"`` forces the
-kernels (interpret mode on CPU: slow, for tests); ``"xla"`` forces XLA. The
-environment variable ``OPTAX_PAGED_BACKEND`` (``pallas`` or ``xla``)
+Pallas kernels on a single GPU or TPU, the native CPU kernel
+(:mod:`native_kernels.fused`, compiled on first use) on a single CPU device,
+and the XLA (``jax.numpy``) path everywhere else: when the process sees
+several devices (a Pallas or native call is not split by the SPMD
+partitioner, so a sharded leaf would be gathered, while the XLA path keeps
+shards local), inside ``shard_map``, and on a CPU where the native kernel
+cannot be built (no C++ compiler: a warning says so once). ``"pallas"``
+forces the kernels (interpret mode on CPU: slow, for tests); ``"native"``
+forces the CPU kernel (an error where it cannot be built or the default
+backend is not the CPU); ``"xla"`` forces XLA. The environment variable
+``OPTAX_PAGED_BACKEND`` (``pallas``, ``native``, ``xla`` or ``auto``)
 replaces ``"auto"`` when the transformation is built.
 
-Inside :func:`optax_paged.paged`, ``"auto"`` uses XLA: with the kernel, XLA
+Inside :func:`optax_paged.paged` on a GPU or TPU, ``"auto"`` uses XLA: with the kernel, XLA
 on the GPU schedules every parameter update (``apply_updates`` of the
 kernel's direction) at the end of the step, so each leaf's float32 direction
 stays on the device until then (4 bytes per parameter: 7.88 GiB peak
@@ -25,15 +30,17 @@ import contextvars
 import functools
 import math
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
 
 from optax_paged import codebooks
 from optax_paged import quantization as qz
+from native_kernels import fused as native
 from pallas_kernels import blockwise
 
-BACKENDS = ("auto", "pallas", "xla")
+BACKENDS = ("auto", "pallas", "native", "xla")
 ENV_VAR = "OPTAX_PAGED_BACKEND"
 KERNEL_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
 
@@ -45,8 +52,8 @@ def check_backend(backend: str) -> str:
   if backend == "auto":
     env = os.environ.get(ENV_VAR, "").strip().lower()
     if env:
-      if env not in ("pallas", "xla", "auto"):
-        raise ValueError(f"{ENV_VAR} must be 'pallas', 'xla' or 'auto', got {env!r}.")
+      if env not in BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {env!r}.")
       return env
   return backend
 
@@ -64,16 +71,37 @@ def auto_uses_xla():
     _AUTO_USES_XLA.reset(token)
 
 
-def use_pallas(backend: str) -> tuple[bool, bool]:
-  """``(use the kernels, in interpret mode)`` for a checked backend, now."""
+def kernel_for(backend: str) -> str:
+  """What runs an 8-bit leaf now, for a checked backend.
+
+  Returns ``"pallas"``, ``"interpret"`` (Pallas interpreter), ``"native"`` or
+  ``"xla"``. ``"native"`` under ``"auto"`` still falls back to XLA where the
+  kernel cannot be built (:func:`update_quantized_leaf_native`).
+  """
   platform = jax.default_backend()
   if backend == "xla":
-    return False, False
+    return "xla"
   if backend == "pallas":
-    return True, platform not in KERNEL_PLATFORMS
-  if _AUTO_USES_XLA.get():
-    return False, False
-  return platform in KERNEL_PLATFORMS and jax.device_count() == 1, False
+    return "pallas" if platform in KERNEL_PLATFORMS else "interpret"
+  if backend == "native":
+    if platform != "cpu":
+      raise ValueError(
+          f"backend='native' is the CPU kernel; the default backend here is {platform!r}. "
+          "Use backend='auto' or 'pallas'.")
+    return "native"
+  if jax.device_count() != 1 or (_AUTO_USES_XLA.get() and platform in KERNEL_PLATFORMS):
+    return "xla"
+  if jax.sharding.get_abstract_mesh().manual_axes:
+    return "xla"
+  if platform in KERNEL_PLATFORMS:
+    return "pallas"
+  return "native" if platform == "cpu" else "xla"
+
+
+def use_pallas(backend: str) -> tuple[bool, bool]:
+  """``(use the Pallas kernels, in interpret mode)`` for a checked backend, now."""
+  kernel = kernel_for(backend)
+  return kernel in ("pallas", "interpret"), kernel == "interpret"
 
 
 def _flat_blocks(x, block_size, pad_value):
@@ -191,3 +219,36 @@ def dequantize_pallas(codes, absmax, signed, block_size, interpret, codec=None):
       _flat_blocks(codes, block_size, codebooks.ZERO_CODE[signed]), absmax.reshape(-1),
       decoder=decoder, tables=tables, interpret=interpret)
   return _unflat(values, codes.shape)
+
+
+_WARNED: set[str] = set()
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 6, 7))
+def update_quantized_leaf_native(rule, grad, codes, absmax, signed, hparams, block_size, required):
+  """:func:`optax_paged.transform.update_quantized_leaf_xla` with the native CPU kernel.
+
+  ``rule`` must already keep non-finite values out of the new moments. Where
+  the kernel cannot be built (no compiler, a rule it cannot translate) this
+  raises :class:`native_kernels.fused.NativeUnavailable` if ``required``, and
+  otherwise warns once per reason and returns ``None`` (the caller runs the
+  XLA path).
+  """
+  if grad.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    if required:
+      raise native.NativeUnavailable(f"the native kernel takes float32, bfloat16 or float16 "
+                                     f"gradients, not {grad.dtype}")
+    return None
+  books = [jnp.asarray(codebooks.dynamic_map(s)) for s in signed]
+  carries = [jnp.asarray(codebooks.encode_tables(s, True).cell_carry) for s in signed]
+  try:
+    return native.fused_update(rule, grad, tuple(codes), tuple(absmax), hparams, signed=signed,
+                               books=books, carries=carries, block_size=block_size)
+  except native.NativeUnavailable as e:
+    if required:
+      raise
+    if str(e) not in _WARNED:
+      _WARNED.add(str(e))
+      warnings.warn(f"optax_paged: the native CPU kernel is unavailable ({e}); the 8-bit "
+                    "update runs on the XLA path, which is ~2x slower on CPU.", stacklevel=2)
+    return None

@@ -209,7 +209,7 @@ def _check_leaf_dtype(path, leaf):
     )
 
 
-def _check_leaf(path, grad, moment, absmax, *, block_size, pallas=False) -> bool:
+def _check_leaf(path, grad, moment, absmax, *, block_size, kernel="xla") -> bool:
   """Checks a gradient leaf against its state; returns whether the leaf is 8-bit.
 
   Which leaves are 8-bit: ``init`` decided on the parameters' (global)
@@ -249,16 +249,17 @@ def _check_leaf(path, grad, moment, absmax, *, block_size, pallas=False) -> bool
   varying = manual and bool(
       getattr(getattr(jax.typeof(absmax), "manual_axis_type", None), "varying", ()))
   mesh = getattr(getattr(jax.typeof(grad), "sharding", None), "mesh", None)
-  if pallas and getattr(mesh, "explicit_axes", None) and getattr(mesh, "size", 1) > 1:
+  custom = {"pallas": "pallas", "interpret": "pallas", "native": "native"}.get(kernel)
+  if custom and getattr(mesh, "explicit_axes", None) and getattr(mesh, "size", 1) > 1:
     raise ValueError(
-        f"backend='pallas' cannot update the 8-bit leaf at {name}: it is typed with a mesh "
-        "of explicit axes, and a Pallas call is not split over devices. Use backend='auto' "
-        "or 'xla' (shards stay local), or call the update inside jax.shard_map(..., "
-        "check_vma=False) or jax.pmap.")
-  if varying and pallas:
+        f"backend={custom!r} cannot update the 8-bit leaf at {name}: it is typed with a mesh "
+        f"of explicit axes, and a {custom} kernel call is not split over devices. Use "
+        "backend='auto' or 'xla' (shards stay local), or call the update inside "
+        "jax.shard_map(..., check_vma=False) or jax.pmap.")
+  if varying and custom:
     raise ValueError(
-        f"backend='pallas' cannot update the 8-bit leaf at {name} inside shard_map: it is "
-        "sharded, and a Pallas call there needs check_vma=False (jax.shard_map(..., "
+        f"backend={custom!r} cannot update the 8-bit leaf at {name} inside shard_map: it is "
+        f"sharded, and a {custom} kernel call there needs check_vma=False (jax.shard_map(..., "
         "check_vma=False)) or jax.pmap. Or use backend='auto' or 'xla'.")
   if varying and not qz.blocks_along_last_axis(grad.shape, block_size):
     raise ValueError(
@@ -506,18 +507,24 @@ def scale_by_rule_8bit(
     moment_trees = [getattr(state, n) for n in names]
     absmax_trees = [getattr(state, n + "_absmax") for n in names]
     k = len(names)
-    pallas, interpret = backend_lib.use_pallas(backend)
+    kernel = backend_lib.kernel_for(backend)
     flags = jax.tree_util.tree_map_with_path(
-        functools.partial(_check_leaf, block_size=block_size, pallas=pallas),
+        functools.partial(_check_leaf, block_size=block_size, kernel=kernel),
         updates, moment_trees[0], absmax_trees[0])
 
     def leaf_update(g, flag, *leaf_state):
       mom, scales = leaf_state[:k], leaf_state[k:]
-      if flag and pallas:
+      if flag and kernel in ("pallas", "interpret"):
         direction, codes, scales = backend_lib.update_quantized_leaf_pallas(
-            guarded, g, tuple(mom), tuple(scales), signed, hparams, block_size, interpret
+            guarded, g, tuple(mom), tuple(scales), signed, hparams, block_size, kernel == "interpret"
         )
         return (direction.astype(g.dtype),) + tuple(codes) + tuple(scales)
+      if flag and kernel == "native" and g.size:
+        out = backend_lib.update_quantized_leaf_native(
+            guarded, g, tuple(mom), tuple(scales), signed, hparams, block_size, backend == "native")
+        if out is not None:
+          direction, codes, scales = out
+          return (direction.astype(g.dtype),) + tuple(codes) + tuple(scales)
       if flag:
         direction, codes, scales = update_quantized_leaf_xla(
             rule, g, tuple(mom), tuple(scales), signed, hparams, block_size

@@ -144,7 +144,11 @@ def _rosenbrock():
 CONVERGENCE = {
     "adam": dict(learning_rate=1e-1),
     "adamw": dict(learning_rate=1e-1),
-    "adamw_nesterov": dict(learning_rate=1e-1, nesterov=True),
+    # At optax's 1e-1, 8-bit NAdam does not settle on Rosenbrock: over steps
+    # 9000-10000 the error swings between ~0 and 0.11 (XLA path; the native
+    # kernel 0.13), so step 10000 passed or failed by chance. At 2e-2 both
+    # stay within 0.022 there (median 0.0034).
+    "adamw_nesterov": dict(learning_rate=2e-2, nesterov=True),
     # optax's tests use 1e-2; there 8-bit Lion ends Rosenbrock at (0.93, 0.88)
     # where float32 Lion reaches (0.97, 0.96): with both coordinates in one
     # block, the smaller one's momentum is coarse and its sign flips more.

@@ -425,18 +425,18 @@ def test_auto_backend_is_xla_inside_paged(monkeypatch):
   from optax_paged import backend as backend_lib
   monkeypatch.setattr(backend_lib.jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(backend_lib.jax, "device_count", lambda: 1)
-  assert backend_lib.use_pallas("auto") == (True, False)
+  assert backend_lib.kernel_for("auto") == "pallas"
   with backend_lib.auto_uses_xla():
-    assert backend_lib.use_pallas("auto") == (False, False)
-    assert backend_lib.use_pallas("pallas") == (True, False)
-  assert backend_lib.use_pallas("auto") == (True, False)
+    assert backend_lib.kernel_for("auto") == "xla"
+    assert backend_lib.kernel_for("pallas") == "pallas"
+  assert backend_lib.kernel_for("auto") == "pallas"
   seen = []
-  real = backend_lib.use_pallas
-  monkeypatch.setattr(backend_lib, "use_pallas", lambda b: seen.append(real(b)) or (False, False))
+  real = backend_lib.kernel_for
+  monkeypatch.setattr(backend_lib, "kernel_for", lambda b: seen.append(real(b)) or "xla")
   params = _four_leaves()
   tx = op.paged_adamw_8bit(1e-3, policy=SMALL)
   jax.jit(tx.update).lower(params, tx.init(params), params)
-  assert seen and set(seen) == {(False, False)}
+  assert seen and set(seen) == {"xla"}
 
 
 def test_place_with_tx_keeps_wrapped_state_where_tx_keeps_it():

@@ -16,25 +16,12 @@ from optax_paged import quantization as qz
 from optax_paged import rules
 from optax_paged import transform
 from pallas_kernels import blockwise
+from kernel_checks import assert_matches_xla_path, inputs as _inputs
 
 # On CPU the kernels run in interpret mode; on a GPU or TPU the same tests
 # compile them for real (``pytest tests/test_pallas.py`` on the device).
 INTERPRET = jax.default_backend() not in backend_lib.KERNEL_PLATFORMS
 ON_CPU = jax.default_backend() == "cpu"
-
-
-def _inputs(shape, block_size, signed, dtype, seed=0):
-  """Gradient with scales spread over 4 decades, and a non-trivial state."""
-  k = jax.random.split(jax.random.PRNGKey(seed), 4 + len(signed))
-  scale = 10.0 ** jax.random.uniform(k[0], shape, minval=-4, maxval=0)
-  grad = (jax.random.normal(k[1], shape) * scale).astype(dtype)
-  codes, absmax = [], []
-  for i, s in enumerate(signed):
-    x = jax.random.normal(k[2 + i], shape) * scale
-    q = qz.quantize_blockwise(x if s else jnp.abs(x), signed=s, block_size=block_size)
-    codes.append(q.codes)
-    absmax.append(q.absmax)
-  return grad, tuple(codes), tuple(absmax)
 
 
 SHAPES = [(8, 4096), (100, 77), (3, 4097), (5000,)]
@@ -75,34 +62,8 @@ def test_fused_kernel_equals_xla_path(name, block_size, shape, dtype, codec):
   guarded = functools.partial(transform._guarded_rule, spec.rule)
   d_p, c_p, a_p = backend_lib.update_quantized_leaf_pallas(
       guarded, grad, codes, absmax, spec.signed, hparams, block_size, INTERPRET, codec)
-  # Codes are identical except where float32 rounding of the new moment
-  # (XLA contracts multiply-adds into FMAs differently in the two compiled
-  # bodies) puts it within a few ulps of the midpoint between two codes.
-  old = tuple(qz.dequantize_blockwise(qz.QuantizedArray(c, a), signed=s, block_size=block_size)
-              for c, a, s in zip(codes, absmax, spec.signed))
-  _, new = transform._guarded_rule(spec.rule, grad.astype(jnp.float32), old, hparams)
-  for x, p, n, a, s in zip(c_x, c_p, new, a_x, spec.signed):
-    x, p = np.asarray(x), np.asarray(p)
-    differ = x != p
-    assert differ.mean() < 1e-3
-    if differ.any():
-      scale = np.repeat(np.asarray(a).reshape(-1), block_size)[: x.size].reshape(x.shape)
-      y = np.asarray(n)[differ] / scale[differ]
-      table = dynamic_map(s).astype(np.float64)
-      mid = (table[x[differ]] + table[p[differ]]) / 2
-      assert np.all(np.abs(x[differ].astype(int) - p[differ]) == 1)
-      np.testing.assert_allclose(y, mid, rtol=1e-5, atol=1e-9)
-  for x, p in zip(a_x, a_p):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(p), rtol=1e-6, atol=0)
-  assert d_p.dtype == grad.dtype and d_p.shape == grad.shape
-  # Directions to float32 rounding: relative to the largest one, since a rule
-  # may cancel (AdEMAMix adds two momenta) and FMA contraction differs.
-  dx = np.asarray(d_x.astype(grad.dtype).astype(jnp.float32))
-  dp = np.asarray(d_p.astype(jnp.float32))
-  finite = np.isfinite(dx)
-  np.testing.assert_array_equal(finite, np.isfinite(dp))
-  np.testing.assert_allclose(dx[finite], dp[finite], rtol=1e-6 if dtype == jnp.float32 else 1e-2,
-                             atol=1e-6 * np.abs(dx[finite]).max())
+  assert_matches_xla_path(spec, grad, codes, absmax, hparams, block_size, (d_x, c_x, a_x),
+                          (d_p, c_p, a_p))
 
 
 CODEC_CASES = [(s, b, shape, "table") for s in (True, False) for b in (64, 4096) for shape in SHAPES] + [
@@ -322,7 +283,7 @@ def test_backend_choice_and_environment_override(monkeypatch):
     backend_lib.check_backend("cuda")
   monkeypatch.delenv(backend_lib.ENV_VAR, raising=False)
   assert backend_lib.check_backend("auto") == "auto"
-  assert backend_lib.use_pallas("auto") == (False, False)  # CPU: XLA
+  assert backend_lib.use_pallas("auto") == (False, False)  # CPU: native kernel, not Pallas
   assert backend_lib.use_pallas("pallas") == (True, True)  # CPU: interpret
   assert backend_lib.use_pallas("xla") == (False, False)
   monkeypatch.setenv(backend_lib.ENV_VAR, "pallas")

@@ -1,0 +1,1 @@
+"""Native CPU kernels of optax-paged (see fused.py)."""
