@@ -297,21 +297,28 @@ def _build(source: str, key: str, cxx: str, flags: Sequence[str]) -> pathlib.Pat
   library = directory / f"fused_update_{key}.so"
   if library.exists():
     return library
-  directory.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=directory) as tmp:
-    header = pathlib.Path(tmp) / "rule.h"
-    header.write_text(source)
-    out = pathlib.Path(tmp) / library.name
-    cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", f'-DOPTAX_PAGED_RULE="{header}"',
-           str(KERNEL_SOURCE), "-o", str(out)]
-    try:
-      done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.SubprocessError) as e:
-      raise NativeUnavailable(f"compiling the native kernel failed: {e}") from e
-    if done.returncode != 0:
-      raise NativeUnavailable(
-          "compiling the native kernel failed:\n" + "\n".join(done.stderr.splitlines()[-20:]))
-    os.replace(out, library)  # atomic: concurrent builders of the same key agree
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+      return _compile(source, library, pathlib.Path(tmp), cxx, flags)
+  except OSError as e:
+    raise NativeUnavailable(f"cannot write the kernel to {directory} ({e}); set {CACHE_ENV}") from e
+
+
+def _compile(source, library, tmp, cxx, flags) -> pathlib.Path:
+  header = tmp / "rule.h"
+  header.write_text(source)
+  out = tmp / library.name
+  cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", f'-DOPTAX_PAGED_RULE="{header}"',
+         str(KERNEL_SOURCE), "-o", str(out)]
+  try:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+  except subprocess.SubprocessError as e:
+    raise NativeUnavailable(f"compiling the native kernel failed: {e}") from e
+  if done.returncode != 0:
+    raise NativeUnavailable(
+        "compiling the native kernel failed:\n" + "\n".join(done.stderr.splitlines()[-20:]))
+  os.replace(out, library)  # atomic: concurrent builders of the same key agree
   return library
 
 
@@ -336,7 +343,11 @@ def target(rule: Callable, signed: Sequence[bool], hparam_names: Sequence[str]) 
   key = key.hexdigest()[:24]
   with _LOCK:
     if key not in _TARGETS:
-      library = ctypes.CDLL(str(_build(source, key, cxx, flags)))
+      path = _build(source, key, cxx, flags)
+      try:
+        library = ctypes.CDLL(str(path))
+      except OSError as e:
+        raise NativeUnavailable(f"cannot load {path} ({e}); delete it to rebuild") from e
       name = f"optax_paged_fused_update_{key}"
       jax.ffi.register_ffi_target(
           name, jax.ffi.pycapsule(getattr(library, HANDLER_SYMBOL)), platform="cpu")

@@ -279,9 +279,10 @@ def build_parser(prog="optax-paged demo") -> argparse.ArgumentParser:
   p.add_argument("--out", default="demo_output", help="output folder for the PNG (default ./demo_output)")
   p.add_argument("--text", default=None, help="train on this text file instead of the built-in corpus")
   p.add_argument("--seed", type=_non_negative_int, default=0)
-  p.add_argument("--backend", choices=("auto", "pallas", "xla"), default="auto",
-                 help="8-bit update implementation (default auto: Pallas on one GPU/TPU, "
-                 "XLA elsewhere; pallas on CPU runs the kernels in interpret mode, slowly)")
+  p.add_argument("--backend", choices=("auto", "pallas", "native", "xla"), default="auto",
+                 help="8-bit update implementation (default auto: Pallas on one GPU/TPU, the "
+                 "native kernel on one CPU, XLA elsewhere; pallas on CPU runs the kernels in "
+                 "interpret mode, slowly)")
   return p
 
 

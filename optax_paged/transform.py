@@ -443,8 +443,9 @@ def scale_by_rule_8bit(
     quantize_mask: optional pytree of bools (or a prefix of the parameters'
       tree), or callable
       ``(key_path, leaf) -> bool``; ``False`` leaves keep float32 state.
-    backend: ``"auto"`` (Pallas on a single GPU/TPU, XLA elsewhere),
-      ``"pallas"`` or ``"xla"``; see :mod:`optax_paged.backend`.
+    backend: ``"auto"`` (Pallas on a single GPU/TPU, the native kernel on a
+      single CPU, XLA elsewhere), ``"pallas"``, ``"native"`` or ``"xla"``; see
+      :mod:`optax_paged.backend`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -620,7 +621,7 @@ def scale_by_adam_8bit(
       means 4096, bitsandbytes' default.
     quantize_mask: pytree of bools (a prefix of the parameters' tree) or
       ``(key_path, leaf) -> bool``; ``False`` leaves keep float32 state.
-    backend: ``"auto"``, ``"pallas"`` or ``"xla"`` (see
+    backend: ``"auto"``, ``"pallas"``, ``"native"`` or ``"xla"`` (see
       :mod:`optax_paged.backend`).
 
   Returns:
@@ -710,7 +711,7 @@ _EXTRAS_DOC = """    block_size: elements per quantization block (power of two, 
       means 4096, bitsandbytes' default.
     quantize_mask: pytree of bools (a prefix of the parameters' tree) or
       ``(key_path, leaf) -> bool``; ``False`` leaves keep float32 state.
-    backend: ``"auto"``, ``"pallas"`` or ``"xla"`` (see
+    backend: ``"auto"``, ``"pallas"``, ``"native"`` or ``"xla"`` (see
       :mod:`optax_paged.backend`)."""
 
 
