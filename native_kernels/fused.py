@@ -73,19 +73,19 @@ def _ctype(aval) -> str:
     return "float"
   if dtype == np.bool_:
     return "bool"
-  if dtype == np.int32:
-    return "int32_t"
-  raise NativeUnavailable(f"the rule computes in {dtype}; the native kernel computes in float32")
+  raise NativeUnavailable(
+      f"the rule computes in {dtype}; the native kernel translates float32 and bool only")
 
 
 def _literal(value, aval) -> str:
+  if isinstance(value, jax.core.Tracer):
+    raise NativeUnavailable("the rule closes over a traced value")
+  value = np.asarray(value)
   dtype = np.dtype(aval.dtype)
   if np.shape(value) != ():
     raise NativeUnavailable("the rule closes over a non-scalar constant")
   if dtype == np.bool_:
     return "true" if bool(value) else "false"
-  if dtype == np.int32:
-    return f"int32_t({int(value)})"
   if dtype != np.float32:
     raise NativeUnavailable(f"the rule has a {dtype} constant")
   x = float(np.float32(value))
@@ -96,16 +96,39 @@ def _literal(value, aval) -> str:
   return f"{x.hex()}f"
 
 
-# Operations whose C++ form rounds exactly as XLA's does (IEEE arithmetic,
+# Operations with exact IEEE semantics in both XLA and C++ (arithmetic,
 # square root, compares and selects). Transcendentals (exp, log, pow, tanh)
 # are left out: XLA uses its own approximations, which libm's do not match.
+# rsqrt is translated as the correctly rounded 1 / sqrt(x); XLA:CPU's may
+# differ from it by 1 ulp (Adagrad's rule uses it). max, min and clamp are
+# compares and selects: a denormal operand passes through where XLA's
+# instructions flush it to zero.
 _BINARY = {"add": "+", "sub": "-", "mul": "*", "div": "/", "lt": "<", "le": "<=", "gt": ">",
            "ge": ">=", "eq": "==", "ne": "!=", "and": "&", "or": "|", "xor": "^"}
 _CALLS = {"max": "xmax", "min": "xmin", "abs": "std::fabs", "sqrt": "std::sqrt", "sign": "xsign",
           "is_finite": "std::isfinite"}
-_SCALAR_SHAPE_OPS = ("broadcast_in_dim", "reshape", "squeeze", "expand_dims", "copy", "copy_p",
-                     "optimization_barrier")
-_SUB_JAXPR_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+_SCALAR_SHAPE_OPS = ("broadcast_in_dim", "reshape", "squeeze", "expand_dims", "copy", "copy_p")
+# Calls whose body runs once, inlined (not loops: scan and while repeat
+# theirs, cond chooses; those raise NativeUnavailable).
+_INLINED_CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
+                  "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
+                  "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr",
+                  "remat": "jaxpr", "checkpoint": "jaxpr"}
+
+
+def _integer_pow(x: str, y: int) -> str:
+  """``x ** y`` by jax's square-and-multiply order (its lowering of integer_pow)."""
+  if y == 0:
+    return "1.0f"
+  reciprocal, y = y < 0, abs(y)
+  acc, base = None, x
+  while y > 0:
+    if y & 1:
+      acc = base if acc is None else f"({acc} * {base})"
+    y >>= 1
+    if y > 0:
+      base = f"({base} * {base})"
+  return f"(1.0f / {acc})" if reciprocal else acc
 
 
 class _Emitter:
@@ -127,7 +150,7 @@ class _Emitter:
   def jaxpr(self, jaxpr, consts, args) -> list[str]:
     env = {}
     for var, value in zip(jaxpr.constvars, consts):
-      env[var] = _literal(np.asarray(value), var.aval)
+      env[var] = _literal(value, var.aval)
     for var, arg in zip(jaxpr.invars, args):
       env[var] = arg
     for eqn in jaxpr.eqns:
@@ -139,40 +162,40 @@ class _Emitter:
 
   def equation(self, eqn, ins) -> list[str]:
     name = eqn.primitive.name
-    for key in _SUB_JAXPR_PARAMS:
-      sub = eqn.params.get(key)
-      if sub is not None:
-        closed = sub if hasattr(sub, "consts") else None
-        inner = closed.jaxpr if closed is not None else sub
-        return self.jaxpr(inner, closed.consts if closed is not None else (), ins)
+    if name in _INLINED_CALLS:
+      sub = eqn.params[_INLINED_CALLS[name]]
+      closed = sub if hasattr(sub, "consts") else None
+      inner = closed.jaxpr if closed is not None else sub
+      if len(inner.invars) != len(ins) or len(inner.outvars) != len(eqn.outvars):
+        raise NativeUnavailable(f"the rule calls `{name}` with operands the kernel cannot pass")
+      return self.jaxpr(inner, closed.consts if closed is not None else (), ins)
     if name in _SCALAR_SHAPE_OPS:
       return list(ins)
+    if len(eqn.outvars) != 1:
+      raise NativeUnavailable(f"the native kernel has no translation of `{name}`")
     (out_var,) = eqn.outvars
     ctype = _ctype(out_var.aval)
-    if name in _BINARY:
+    kinds = {_ctype(atom.aval) for atom in eqn.invars}
+    floats = kinds == {"float"}
+    logical = name in ("and", "or", "xor") and kinds == {"bool"}
+    if name in _BINARY and (floats or logical or (name in ("eq", "ne") and kinds == {"bool"})):
       value = f"({ins[0]} {_BINARY[name]} {ins[1]})"
-    elif name in _CALLS:
+    elif name in _CALLS and floats:
       value = f"{_CALLS[name]}({ins[0]}" + "".join(f", {x}" for x in ins[1:]) + ")"
-    elif name == "neg":
-      value = f"(-{ins[0]})"
-    elif name == "not":
-      value = f"(!{ins[0]})" if ctype == "bool" else f"(~{ins[0]})"
-    elif name == "rsqrt":
+    elif name == "neg" and floats:
+      value = f"(-({ins[0]}))"
+    elif name == "not" and ctype == "bool":
+      value = f"(!{ins[0]})"
+    elif name == "rsqrt" and floats:
       value = f"(1.0f / std::sqrt({ins[0]}))"
-    elif name == "square":
+    elif name == "square" and floats:
       value = f"({ins[0]} * {ins[0]})"
-    elif name == "integer_pow" and eqn.params["y"] in (1, 2, 3, 4):
-      value = "(" + " * ".join([ins[0]] * eqn.params["y"]) + ")"
-    elif name == "clamp":
+    elif name == "integer_pow" and floats:
+      value = _integer_pow(ins[0], int(eqn.params["y"]))
+    elif name == "clamp" and ctype == "float":
       value = f"xmin(xmax({ins[1]}, {ins[0]}), {ins[2]})"
-    elif name == "select_n":
-      pred, cases = ins[0], ins[1:]
-      if np.dtype(eqn.invars[0].aval.dtype) == np.bool_:
-        value = f"({pred} ? {cases[1]} : {cases[0]})"
-      else:
-        value = cases[-1]
-        for i in range(len(cases) - 2, -1, -1):
-          value = f"({pred} == {i} ? {cases[i]} : {value})"
+    elif name == "select_n" and np.dtype(eqn.invars[0].aval.dtype) == np.bool_:
+      value = f"({ins[0]} ? {ins[2]} : {ins[1]})"
     elif name == "convert_element_type":
       value = f"static_cast<{ctype}>({ins[0]})"
     else:
@@ -288,6 +311,7 @@ def _machine_key(cxx: str) -> str:
 
 _LOCK = threading.Lock()
 _TARGETS: dict[str, str] = {}  # source hash -> registered target name
+_FAILED: dict[str, str] = {}  # source hash -> why its build failed
 _LIBRARIES: list[ctypes.CDLL] = []  # kept loaded for the process's life
 
 
@@ -309,15 +333,16 @@ def _compile(source, library, tmp, cxx, flags) -> pathlib.Path:
   header = tmp / "rule.h"
   header.write_text(source)
   out = tmp / library.name
-  cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", f'-DOPTAX_PAGED_RULE="{header}"',
+  cmd = [cxx, *flags, "-isystem", jax.ffi.include_dir(), f'-DOPTAX_PAGED_RULE="{header}"',
          str(KERNEL_SOURCE), "-o", str(out)]
   try:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
   except subprocess.SubprocessError as e:
     raise NativeUnavailable(f"compiling the native kernel failed: {e}") from e
   if done.returncode != 0:
-    raise NativeUnavailable(
-        "compiling the native kernel failed:\n" + "\n".join(done.stderr.splitlines()[-20:]))
+    lines = done.stderr.splitlines()
+    errors = [line for line in lines if "error" in line] or lines[-20:]
+    raise NativeUnavailable("compiling the native kernel failed:\n" + "\n".join(errors[:20]))
   os.replace(out, library)  # atomic: concurrent builders of the same key agree
   return library
 
@@ -333,27 +358,54 @@ def target(rule: Callable, signed: Sequence[bool], hparam_names: Sequence[str]) 
     NativeUnavailable: not on a CPU backend, no compiler, an untranslatable
       rule or a failed build.
   """
-  source = rule_source(rule, signed, hparam_names)
+  try:
+    source = rule_source(rule, signed, hparam_names)
+  except NativeUnavailable:
+    raise
+  except Exception as e:  # noqa: BLE001 - any rule the translator cannot read: XLA path
+    raise NativeUnavailable(f"the rule could not be translated ({type(e).__name__}: {e})") from e
   cxx = compiler()
   if cxx is None:
     raise NativeUnavailable("no C++ compiler found (set CXX, or install g++ or clang++)")
-  kernel = KERNEL_SOURCE.read_text()
   flags = _flags()
-  key = hashlib.sha256("\0".join([source, kernel, " ".join(flags), _machine_key(cxx)]).encode())
-  key = key.hexdigest()[:24]
+  key = _key(source, cxx, flags)
   with _LOCK:
+    if key in _FAILED:  # one failed build per process, not one per trace
+      raise NativeUnavailable(_FAILED[key])
     if key not in _TARGETS:
-      path = _build(source, key, cxx, flags)
       try:
-        library = ctypes.CDLL(str(path))
-      except OSError as e:
-        raise NativeUnavailable(f"cannot load {path} ({e}); delete it to rebuild") from e
-      name = f"optax_paged_fused_update_{key}"
-      jax.ffi.register_ffi_target(
-          name, jax.ffi.pycapsule(getattr(library, HANDLER_SYMBOL)), platform="cpu")
-      _LIBRARIES.append(library)
-      _TARGETS[key] = name
+        _TARGETS[key] = _load(source, key, cxx, flags)
+      except NativeUnavailable as e:
+        _FAILED[key] = str(e)
+        raise
     return _TARGETS[key]
+
+
+def _key(source: str, cxx: str, flags: Sequence[str]) -> str:
+  """Cache key of a build: rule, kernel source, flags, compiler, CPU, jax."""
+  parts = [source, KERNEL_SOURCE.read_text(), " ".join(flags), _machine_key(cxx)]
+  return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
+
+
+def _load(source, key, cxx, flags) -> str:
+  """Builds (if needed), loads and registers one kernel; returns its target name."""
+  path = _build(source, key, cxx, flags)
+  try:
+    library = ctypes.CDLL(str(path))
+    handler = getattr(library, HANDLER_SYMBOL)
+  except (OSError, AttributeError):
+    # A truncated or foreign file in the cache: build once more over it.
+    path.unlink(missing_ok=True)
+    path = _build(source, key, cxx, flags)
+    try:
+      library = ctypes.CDLL(str(path))
+      handler = getattr(library, HANDLER_SYMBOL)
+    except (OSError, AttributeError) as e:
+      raise NativeUnavailable(f"cannot load the native kernel {path} ({e})") from e
+  name = f"optax_paged_fused_update_{key}"
+  jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
+  _LIBRARIES.append(library)
+  return name
 
 
 # ---------------------------------------------------------------------------
@@ -364,7 +416,7 @@ def fused_update(
     rule: Callable,
     grad: jax.Array,
     codes: Sequence[jax.Array],
-    scales: Sequence[jax.Array],
+    absmax: Sequence[jax.Array],
     hparams: Mapping[str, jax.Array | float],
     *,
     signed: Sequence[bool],
@@ -380,7 +432,7 @@ def fused_update(
     grad: the gradient leaf, float32, bfloat16 or float16, any shape.
     codes: per moment, ``uint8`` codes of ``grad``'s shape (updated in place
       when donated).
-    scales: per moment, float32 block scales, one per block of the flattened
+    absmax: per moment, float32 block scales, one per block of the flattened
       leaf (any shape with that many elements).
     hparams: scalar hyperparameters.
     signed: per moment, its code book (True: signed).
@@ -390,8 +442,8 @@ def fused_update(
     block_size: elements per block, at most 4096.
 
   Returns:
-    ``(direction, new_codes, new_scales)``: the direction in ``grad``'s dtype
-    and tuples shaped like ``codes`` and ``scales``.
+    ``(direction, new_codes, new_absmax)``: the direction in ``grad``'s dtype
+    and tuples shaped like ``codes`` and ``absmax``.
 
   Raises:
     NativeUnavailable: the kernel cannot be built for this rule here.
@@ -402,9 +454,9 @@ def fused_update(
   hvec = jnp.asarray([jnp.asarray(hparams[n], jnp.float32) for n in names], jnp.float32).reshape(-1)
   out_types = ([jax.ShapeDtypeStruct(grad.shape, grad.dtype)]
                + [jax.ShapeDtypeStruct(c.shape, jnp.uint8) for c in codes]
-               + [jax.ShapeDtypeStruct(s.shape, jnp.float32) for s in scales])
+               + [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in absmax])
   first = 2 + 2 * k
   aliases = {first + i: 1 + i for i in range(k)} | {first + k + i: 1 + k + i for i in range(k)}
   out = jax.ffi.ffi_call(name, out_types, input_output_aliases=aliases, vmap_method="sequential")(
-      hvec, grad, *books, *carries, *codes, *scales, block_size=np.int64(block_size))
+      hvec, grad, *books, *carries, *codes, *absmax, block_size=np.int64(block_size))
   return out[0], tuple(out[1:1 + k]), tuple(out[1 + k:])

@@ -63,9 +63,16 @@ template <> inline BF16 store_f32<BF16>(float x) {
 }
 
 // jax.lax semantics for the generated rule code.
-inline float xmax(float a, float b) { return a != a ? a : (b != b ? b : (a > b ? a : b)); }
-inline float xmin(float a, float b) { return a != a ? a : (b != b ? b : (a < b ? a : b)); }
-inline float xsign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : x); }
+// NaN propagates; -0 < +0 (IEEE maximum/minimum, as XLA's).
+inline float xmax(float a, float b) {
+  return a != a ? a : (b != b ? b : (a > b ? a : (b > a ? b : (std::signbit(a) ? b : a))));
+}
+inline float xmin(float a, float b) {
+  return a != a ? a : (b != b ? b : (a < b ? a : (b < a ? b : (std::signbit(a) ? a : b))));
+}
+// x * 0 keeps NaN and the sign of zero, and gives 0 for a denormal that the
+// compares saw as zero (with denormals treated as zero, as XLA runs).
+inline float xsign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : x * 0.0f); }
 
 }  // namespace
 

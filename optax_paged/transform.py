@@ -347,6 +347,22 @@ def _guarded_rule(rule, grad, moments, hparams):
   return _guard_nonfinite(grad, moments, new, direction)
 
 
+def _guarded(rule):
+  """One ``_guarded_rule`` partial per rule: the kernels' jitted wrappers take it
+  as a static argument, and a partial compares by identity, so a new one per
+  transformation (``optax.inject_hyperparams`` builds one per step) would
+  retrace and recompile every step."""
+  try:
+    return _guarded_cached(rule)
+  except TypeError:  # an unhashable callable
+    return functools.partial(_guarded_rule, rule)
+
+
+@functools.cache
+def _guarded_cached(rule):
+  return functools.partial(_guarded_rule, rule)
+
+
 def _update_float32_leaf(rule, grad, moments, hparams):
   g = grad.astype(jnp.float32)
   direction, new = rule(g, tuple(moments), hparams)
@@ -451,7 +467,7 @@ def scale_by_rule_8bit(
     An ``optax.GradientTransformation``.
   """
   block_size, min_8bit_size, backend = check_8bit_options(block_size, min_8bit_size, backend)
-  guarded = functools.partial(_guarded_rule, rule)
+  guarded = _guarded(rule)
   if getattr(state_cls, "SIGNED", None) != {m.name: m.signed for m in moments}:
     raise ValueError(
         f"{state_cls.__name__}.SIGNED must map each moment field to its code book "

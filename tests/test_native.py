@@ -93,10 +93,14 @@ class _ExpState(NamedTuple):
 _ExpState.SIGNED = {"mu": True}
 
 
-def _exp_8bit(backend):
+def _rule_8bit(rule, backend):
   return transform.scale_by_rule_8bit(
-      _exp_rule, [transform.MomentSpec("mu", True)], lambda count: {"b": 0.9}, _ExpState,
+      rule, [transform.MomentSpec("mu", True)], lambda count: {"b": 0.9}, _ExpState,
       min_8bit_size=0, backend=backend)
+
+
+def _exp_8bit(backend):
+  return _rule_8bit(_exp_rule, backend)
 
 
 def test_untranslatable_rule_falls_back_to_xla_under_auto(monkeypatch):
@@ -193,3 +197,119 @@ def test_build_is_cached_and_reused(tmp_path, monkeypatch):
   assert len(libraries) == 1 and name.endswith(libraries[0].name[len("fused_update_"):-3])
   assert fused.target(guarded, spec.signed, ("momentum",)) == name
   assert not [f for f in os.listdir(tmp_path) if not f.endswith(".so")]  # no build leftovers
+
+
+def _updates(rule, backend, g):
+  tx = _rule_8bit(rule, backend)
+  p = jnp.zeros_like(g)
+  u, _ = tx.update(g, tx.init(p), p)
+  return np.asarray(u)
+
+
+def _special_grad():
+  """Zeros of both signs, a NaN, infinities, denormals, and ordinary values."""
+  g = jax.random.normal(jax.random.PRNGKey(5), (4, 256))
+  special = jnp.asarray([0.0, -0.0, 1e-40, -1e-40, 3.0, -3.0, jnp.inf, -jnp.inf, jnp.nan, 1e30])
+  return g.at[0, :10].set(special)
+
+
+@pytest.mark.parametrize("case", ["pow4", "pow5", "pow-2", "max-min", "sign", "neg-const", "clamp"])
+def test_translated_operations_equal_xla_bit_for_bit(case):
+  """Operations without additions (no multiply-add to contract differently)
+  give the XLA path's direction exactly, on zeros of both signs, NaN,
+  infinities and denormals too."""
+  ops = {
+      "pow4": lambda g, mu: g ** 4,
+      "pow5": lambda g, mu: g ** 5,
+      "pow-2": lambda g, mu: jax.lax.integer_pow(g, -2),
+      "max-min": lambda g, mu: jnp.maximum(g, -g) * jnp.minimum(g, 0.0),
+      "sign": lambda g, mu: jnp.sign(g),
+      "neg-const": lambda g, mu: jax.lax.neg(jnp.float32(-2.0)) * g,
+      "clamp": lambda g, mu: jax.lax.clamp(-1.0, g, 1.0),
+  }
+
+  def rule(grad, moments, hparams):
+    (mu,) = moments
+    mu = hparams["b"] * mu + grad
+    return ops[case](grad, mu), (mu,)
+
+  g = _special_grad()
+  if case == "clamp":
+    # XLA's clamp flushes a denormal input to zero (its max/min instructions
+    # run with denormals-are-zero); the kernel's compares pass it through.
+    g = g.at[0, 2:4].set(1e-30)
+  native, xla = _updates(rule, "native", g), _updates(rule, "xla", g)
+  np.testing.assert_array_equal(native, xla)
+  np.testing.assert_array_equal(np.signbit(native), np.signbit(xla))
+
+
+def _scan_rule(grad, moments, hparams):
+  (mu,) = moments
+  mu = jax.lax.fori_loop(0, 3, lambda i, x: x * hparams["b"] + grad, mu)
+  return mu, (mu,)
+
+
+def _cond_rule(grad, moments, hparams):
+  (mu,) = moments
+  a, b = jax.lax.cond(hparams["b"] > 0.5, lambda: (grad, mu), lambda: (mu, grad))
+  return a, (b,)
+
+
+def _closure_rule_factory(scale):
+  def rule(grad, moments, hparams):
+    (mu,) = moments
+    return grad * scale, (mu + grad,)
+  return rule
+
+
+@pytest.mark.parametrize("case", ["scan", "cond", "closure"])
+def test_rules_the_kernel_cannot_run_use_the_xla_path(case, monkeypatch):
+  """Loops (run once if inlined), multi-output conds and rules closing over
+  traced values are refused, never translated wrongly: "auto" falls back."""
+  monkeypatch.setattr(backend_lib, "_WARNED", set())
+  g = jax.random.normal(jax.random.PRNGKey(1), (8, 256))
+  if case == "closure":
+    @jax.jit
+    def run(g, scale):
+      rule = _closure_rule_factory(scale)
+      return jnp.asarray(_updates_traced(rule, "auto", g)), jnp.asarray(_updates_traced(rule, "xla", g))
+    with pytest.warns(UserWarning, match="native CPU kernel is unavailable"):
+      auto, xla = run(g, jnp.float32(0.5))
+  else:
+    rule = {"scan": _scan_rule, "cond": _cond_rule}[case]
+    with pytest.warns(UserWarning, match="native CPU kernel is unavailable"):
+      auto = _updates(rule, "auto", g)
+    xla = _updates(rule, "xla", g)
+  np.testing.assert_array_equal(np.asarray(auto), np.asarray(xla))
+
+
+def _updates_traced(rule, backend, g):
+  tx = _rule_8bit(rule, backend)
+  p = jnp.zeros_like(g)
+  return tx.update(g, tx.init(p), p)[0]
+
+
+def test_eager_inject_hyperparams_reuses_the_compiled_update():
+  """inject_hyperparams rebuilds the transformation every step; the kernel's
+  jitted wrapper must not retrace (and rebuild its rule) each time."""
+  tx = optax.inject_hyperparams(op.adamw_8bit)(learning_rate=1e-3)
+  p = jnp.ones((8, 512))
+  state = tx.init(p)
+  u, state = tx.update(p, state, p)
+  size = backend_lib.update_quantized_leaf_native._cache_size()
+  for _ in range(3):
+    u, state = tx.update(p, state, p)
+  assert backend_lib.update_quantized_leaf_native._cache_size() == size
+
+
+def test_a_corrupt_cached_library_is_rebuilt(tmp_path, monkeypatch):
+  monkeypatch.setenv(fused.CACHE_ENV, str(tmp_path))
+  monkeypatch.setenv(fused.FLAGS_ENV, "-DOPTAX_PAGED_CORRUPT_TEST")  # a build of its own
+  spec = rules.RULES["momentum"]
+  guarded = functools.partial(transform._guarded_rule, spec.rule)
+  source = fused.rule_source(guarded, spec.signed, ("momentum",))
+  key = fused._key(source, fused.compiler(), fused._flags())
+  library = tmp_path / f"fused_update_{key}.so"
+  library.write_bytes(b"not a library")  # e.g. a build cut short
+  name = fused.target(guarded, spec.signed, ("momentum",))
+  assert name.endswith(key) and library.stat().st_size > 1000
