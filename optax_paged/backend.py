@@ -98,12 +98,6 @@ def kernel_for(backend: str) -> str:
   return "native" if platform == "cpu" else "xla"
 
 
-def use_pallas(backend: str) -> tuple[bool, bool]:
-  """``(use the Pallas kernels, in interpret mode)`` for a checked backend, now."""
-  kernel = kernel_for(backend)
-  return kernel in ("pallas", "interpret"), kernel == "interpret"
-
-
 def _flat_blocks(x, block_size, pad_value):
   n = x.size
   num_blocks = -(-n // block_size)

@@ -531,21 +531,20 @@ def scale_by_rule_8bit(
 
     def leaf_update(g, flag, *leaf_state):
       mom, scales = leaf_state[:k], leaf_state[k:]
-      if flag and kernel in ("pallas", "interpret"):
-        direction, codes, scales = backend_lib.update_quantized_leaf_pallas(
-            guarded, g, tuple(mom), tuple(scales), signed, hparams, block_size, kernel == "interpret"
-        )
-        return (direction.astype(g.dtype),) + tuple(codes) + tuple(scales)
-      if flag and kernel == "native" and g.size:
-        out = backend_lib.update_quantized_leaf_native(
-            guarded, g, tuple(mom), tuple(scales), signed, hparams, block_size, backend == "native")
-        if out is not None:
-          direction, codes, scales = out
-          return (direction.astype(g.dtype),) + tuple(codes) + tuple(scales)
       if flag:
-        direction, codes, scales = update_quantized_leaf_xla(
-            rule, g, tuple(mom), tuple(scales), signed, hparams, block_size
-        )
+        out = None
+        if kernel in ("pallas", "interpret"):
+          out = backend_lib.update_quantized_leaf_pallas(
+              guarded, g, tuple(mom), tuple(scales), signed, hparams, block_size,
+              kernel == "interpret")
+        elif kernel == "native" and g.size:  # None where the kernel cannot run: XLA
+          out = backend_lib.update_quantized_leaf_native(
+              guarded, g, tuple(mom), tuple(scales), signed, hparams, block_size,
+              backend == "native")
+        if out is None:
+          out = update_quantized_leaf_xla(
+              rule, g, tuple(mom), tuple(scales), signed, hparams, block_size)
+        direction, codes, scales = out
         return (direction.astype(g.dtype),) + tuple(codes) + tuple(scales)
       direction, new = _update_float32_leaf(rule, g, tuple(mom), hparams)
       return (direction.astype(g.dtype),) + tuple(new) + (None,) * k

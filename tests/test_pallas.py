@@ -283,9 +283,9 @@ def test_backend_choice_and_environment_override(monkeypatch):
     backend_lib.check_backend("cuda")
   monkeypatch.delenv(backend_lib.ENV_VAR, raising=False)
   assert backend_lib.check_backend("auto") == "auto"
-  assert backend_lib.use_pallas("auto") == (False, False)  # CPU: native kernel, not Pallas
-  assert backend_lib.use_pallas("pallas") == (True, True)  # CPU: interpret
-  assert backend_lib.use_pallas("xla") == (False, False)
+  assert backend_lib.kernel_for("auto") == "native"  # CPU: the native kernel, not Pallas
+  assert backend_lib.kernel_for("pallas") == "interpret"
+  assert backend_lib.kernel_for("xla") == "xla"
   monkeypatch.setenv(backend_lib.ENV_VAR, "pallas")
   assert backend_lib.check_backend("auto") == "pallas"
   assert backend_lib.check_backend("xla") == "xla"  # an explicit choice wins
