@@ -107,28 +107,14 @@ _BINARY = {"add": "+", "sub": "-", "mul": "*", "div": "/", "lt": "<", "le": "<="
            "ge": ">=", "eq": "==", "ne": "!=", "and": "&", "or": "|", "xor": "^"}
 _CALLS = {"max": "xmax", "min": "xmin", "abs": "std::fabs", "sqrt": "std::sqrt", "sign": "xsign",
           "is_finite": "std::isfinite"}
-_SCALAR_SHAPE_OPS = ("broadcast_in_dim", "reshape", "squeeze", "expand_dims", "copy", "copy_p")
+_SCALAR_SHAPE_OPS = ("broadcast_in_dim", "reshape", "squeeze", "expand_dims", "copy", "copy_p",
+                     "stop_gradient")
 # Calls whose body runs once, inlined (not loops: scan and while repeat
 # theirs, cond chooses; those raise NativeUnavailable).
 _INLINED_CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
                   "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
                   "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr",
-                  "remat": "jaxpr", "checkpoint": "jaxpr"}
-
-
-def _integer_pow(x: str, y: int) -> str:
-  """``x ** y`` by jax's square-and-multiply order (its lowering of integer_pow)."""
-  if y == 0:
-    return "1.0f"
-  reciprocal, y = y < 0, abs(y)
-  acc, base = None, x
-  while y > 0:
-    if y & 1:
-      acc = base if acc is None else f"({acc} * {base})"
-    y >>= 1
-    if y > 0:
-      base = f"({base} * {base})"
-  return f"(1.0f / {acc})" if reciprocal else acc
+                  "remat": "jaxpr", "remat2": "jaxpr", "checkpoint": "jaxpr"}
 
 
 class _Emitter:
@@ -141,6 +127,25 @@ class _Emitter:
   def fresh(self) -> str:
     self.count += 1
     return f"v{self.count}"
+
+  def let(self, ctype: str, value: str) -> str:
+    var = self.fresh()
+    self.lines.append(f"const {ctype} {var} = {value};")
+    return var
+
+  def integer_pow(self, x: str, y: int) -> str:
+    """``x ** y`` in jax's square-and-multiply order (its lowering of integer_pow)."""
+    if y == 0:
+      return "1.0f"
+    reciprocal, y = y < 0, abs(y)
+    acc, base = None, x
+    while y > 0:
+      if y & 1:
+        acc = base if acc is None else self.let("float", f"({acc} * {base})")
+      y >>= 1
+      if y > 0:
+        base = self.let("float", f"({base} * {base})")
+    return f"(1.0f / {acc})" if reciprocal else acc
 
   def expr(self, env, atom) -> str:
     if isinstance(atom, jax.extend.core.Literal):
@@ -191,18 +196,18 @@ class _Emitter:
     elif name == "square" and floats:
       value = f"({ins[0]} * {ins[0]})"
     elif name == "integer_pow" and floats:
-      value = _integer_pow(ins[0], int(eqn.params["y"]))
+      value = self.integer_pow(ins[0], int(eqn.params["y"]))
     elif name == "clamp" and ctype == "float":
       value = f"xmin(xmax({ins[1]}, {ins[0]}), {ins[2]})"
     elif name == "select_n" and np.dtype(eqn.invars[0].aval.dtype) == np.bool_:
       value = f"({ins[0]} ? {ins[2]} : {ins[1]})"
-    elif name == "convert_element_type":
+    elif name == "convert_element_type" and not (ctype == "float" and kinds == {"bool"}):
+      # (bool -> float32 is refused: XLA rewrites convert(p) * x into a
+      # select, which gives +0 where the product gives -0.)
       value = f"static_cast<{ctype}>({ins[0]})"
     else:
       raise NativeUnavailable(f"the native kernel has no translation of `{name}`")
-    var = self.fresh()
-    self.lines.append(f"const {ctype} {var} = {value};")
-    return [var]
+    return [self.let(ctype, value)]
 
 
 def _comment(text) -> str:
@@ -318,12 +323,20 @@ def _machine_key(cxx: str) -> str:
 
 _LOCK = threading.Lock()
 _TARGETS: dict[str, str] = {}  # source hash -> registered target name
-_FAILED: dict[str, str] = {}  # source hash -> why its build failed
+_FAILED: dict[str, str] = {}  # source hash -> the compiler's error
 _LIBRARIES: list[ctypes.CDLL] = []  # kept loaded for the process's life
 
 
+class _BuildError(NativeUnavailable):
+  """The compiler rejected the source: the same build fails again."""
+
+
 def _build(source: str, key: str, cxx: str, flags: Sequence[str]) -> pathlib.Path:
-  """Compiles ``source`` (kernel with its rule) into the cache; returns the library."""
+  """Compiles ``source`` (kernel with its rule) into the cache; returns the library.
+
+  The library is written under a temporary name and renamed into place, so a
+  concurrent builder of the same key, or a reader, never sees half a file.
+  """
   directory = cache_dir()
   library = directory / f"fused_update_{key}.so"
   if library.exists():
@@ -331,27 +344,32 @@ def _build(source: str, key: str, cxx: str, flags: Sequence[str]) -> pathlib.Pat
   try:
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
-      return _compile(source, library, pathlib.Path(tmp), cxx, flags)
+      header = pathlib.Path(tmp) / "rule.h"
+      header.write_text(source)
+      out = pathlib.Path(tmp) / library.name
+      _compile(cxx, [*flags, "-isystem", jax.ffi.include_dir(), f'-DOPTAX_PAGED_RULE="{header}"',
+                     str(KERNEL_SOURCE), "-o", str(out)])
+      os.replace(out, library)
   except OSError as e:
     raise NativeUnavailable(f"cannot write the kernel to {directory} ({e}); set {CACHE_ENV}") from e
-
-
-def _compile(source, library, tmp, cxx, flags) -> pathlib.Path:
-  header = tmp / "rule.h"
-  header.write_text(source)
-  out = tmp / library.name
-  cmd = [cxx, *flags, "-isystem", jax.ffi.include_dir(), f'-DOPTAX_PAGED_RULE="{header}"',
-         str(KERNEL_SOURCE), "-o", str(out)]
-  try:
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-  except subprocess.SubprocessError as e:
-    raise NativeUnavailable(f"compiling the native kernel failed: {e}") from e
-  if done.returncode != 0:
-    lines = done.stderr.splitlines()
-    errors = [line for line in lines if "error" in line] or lines[-20:]
-    raise NativeUnavailable("compiling the native kernel failed:\n" + "\n".join(errors[:20]))
-  os.replace(out, library)  # atomic: concurrent builders of the same key agree
   return library
+
+
+def _compile(cxx: str, args: Sequence[str]) -> None:
+  try:
+    done = subprocess.run([cxx, *args], capture_output=True, text=True, timeout=600)
+  except subprocess.TimeoutExpired as e:
+    raise NativeUnavailable("compiling the native kernel timed out") from e
+  except (OSError, subprocess.SubprocessError) as e:
+    raise NativeUnavailable(f"cannot run the C++ compiler {cxx} ({e})") from e
+  if done.returncode > 0:
+    lines = done.stderr.splitlines()
+    cause = ("error", "ld:", "cannot find", "undefined")
+    first = next((i for i, line in enumerate(lines) if any(c in line for c in cause)),
+                 max(len(lines) - 30, 0))
+    raise _BuildError("compiling the native kernel failed:\n" + "\n".join(lines[first:first + 30]))
+  if done.returncode != 0:
+    raise NativeUnavailable(f"the C++ compiler stopped with status {done.returncode}")
 
 
 def _flags() -> tuple[str, ...]:
@@ -377,12 +395,12 @@ def target(rule: Callable, signed: Sequence[bool], hparam_names: Sequence[str]) 
   flags = _flags()
   key = _key(source, cxx, flags)
   with _LOCK:
-    if key in _FAILED:  # one failed build per process, not one per trace
-      raise NativeUnavailable(_FAILED[key])
+    if key in _FAILED:  # a compile error repeats: once per process, not once per trace
+      raise NativeUnavailable(f"{_FAILED[key]}\n(an earlier build of this kernel)")
     if key not in _TARGETS:
       try:
         _TARGETS[key] = _load(source, key, cxx, flags)
-      except NativeUnavailable as e:
+      except _BuildError as e:
         _FAILED[key] = str(e)
         raise
     return _TARGETS[key]
@@ -402,7 +420,10 @@ def _load(source, key, cxx, flags) -> str:
     handler = getattr(library, HANDLER_SYMBOL)
   except (OSError, AttributeError):
     # A truncated or foreign file in the cache: build once more over it.
-    path.unlink(missing_ok=True)
+    try:
+      path.unlink(missing_ok=True)
+    except OSError as e:
+      raise NativeUnavailable(f"cannot replace the broken kernel library {path} ({e})") from e
     path = _build(source, key, cxx, flags)
     try:
       library = ctypes.CDLL(str(path))

@@ -347,20 +347,42 @@ def _guarded_rule(rule, grad, moments, hparams):
   return _guard_nonfinite(grad, moments, new, direction)
 
 
-def _guarded(rule):
-  """One ``_guarded_rule`` partial per rule: the kernels' jitted wrappers take it
-  as a static argument, and a partial compares by identity, so a new one per
-  transformation (``optax.inject_hyperparams`` builds one per step) would
-  retrace and recompile every step."""
+class _Guarded:
+  """``rule`` with :func:`_guard_nonfinite` applied, equal for equal rules.
+
+  The kernels' jitted wrappers take it as a static argument: equality by rule
+  (a ``functools.partial`` compares by identity) keeps a transformation
+  rebuilt every step (``optax.inject_hyperparams``) from retracing and
+  recompiling every step.
+  """
+
+  __slots__ = ("rule",)
+
+  def __init__(self, rule):
+    self.rule = rule
+
+  @property
+  def __name__(self):
+    return getattr(self.rule, "__name__", "rule")
+
+  def __call__(self, grad, moments, hparams):
+    return _guarded_rule(self.rule, grad, moments, hparams)
+
+  def __eq__(self, other):
+    return isinstance(other, _Guarded) and _same(self.rule, other.rule)
+
+  def __hash__(self):
+    try:
+      return hash(self.rule)
+    except TypeError:
+      return id(self.rule)
+
+
+def _same(a, b) -> bool:
   try:
-    return _guarded_cached(rule)
-  except TypeError:  # an unhashable callable
-    return functools.partial(_guarded_rule, rule)
-
-
-@functools.cache
-def _guarded_cached(rule):
-  return functools.partial(_guarded_rule, rule)
+    return a is b or bool(a == b)
+  except Exception:  # noqa: BLE001 - an odd __eq__: only identity counts
+    return False
 
 
 def _update_float32_leaf(rule, grad, moments, hparams):
@@ -467,7 +489,7 @@ def scale_by_rule_8bit(
     An ``optax.GradientTransformation``.
   """
   block_size, min_8bit_size, backend = check_8bit_options(block_size, min_8bit_size, backend)
-  guarded = _guarded(rule)
+  guarded = _Guarded(rule)
   if getattr(state_cls, "SIGNED", None) != {m.name: m.signed for m in moments}:
     raise ValueError(
         f"{state_cls.__name__}.SIGNED must map each moment field to its code book "

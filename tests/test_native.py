@@ -124,9 +124,9 @@ def test_untranslatable_rule_falls_back_to_xla_under_auto(monkeypatch):
 def test_no_compiler_means_xla_under_auto(monkeypatch):
   monkeypatch.setattr(fused, "compiler", lambda: None)
   monkeypatch.setattr(backend_lib, "_WARNED", set())
+  backend_lib.update_quantized_leaf_native.clear_cache()  # no earlier trace reused
   p = jax.random.normal(jax.random.PRNGKey(0), (4, 256))
   g = jax.random.normal(jax.random.PRNGKey(1), (4, 256))
-  # A fresh rule object, so that no earlier trace of the update is reused.
   tx = op.adamw_8bit(1e-3, b1=0.85, min_8bit_size=0)
   with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
     u, _ = tx.update(g, tx.init(p), p)
@@ -313,3 +313,39 @@ def test_a_corrupt_cached_library_is_rebuilt(tmp_path, monkeypatch):
   library.write_bytes(b"not a library")  # e.g. a build cut short
   name = fused.target(guarded, spec.signed, ("momentum",))
   assert name.endswith(key) and library.stat().st_size > 1000
+
+
+def _fake_compiler(tmp_path, body):
+  script = tmp_path / "fake-c++"
+  script.write_text("#!/bin/sh\n" + body + "\n")
+  script.chmod(0o755)
+  return str(script)
+
+
+def test_a_compile_error_is_remembered_but_a_crashed_compiler_is_retried(tmp_path, monkeypatch):
+  monkeypatch.setenv(fused.CACHE_ENV, str(tmp_path / "cache"))
+  spec = rules.RULES["momentum"]
+  guarded = functools.partial(transform._guarded_rule, spec.rule)
+  # A compiler killed by a signal (out of memory, say) is not the source's
+  # fault: the next trace builds again, and succeeds with a working compiler.
+  monkeypatch.setenv(fused.FLAGS_ENV, "-DOPTAX_PAGED_RETRY_TEST")
+  monkeypatch.setenv("CXX", _fake_compiler(tmp_path, 'kill -9 $$'))
+  with pytest.raises(fused.NativeUnavailable, match="status"):
+    fused.target(guarded, spec.signed, ("momentum",))
+  monkeypatch.delenv("CXX")
+  assert fused.target(guarded, spec.signed, ("momentum",)).startswith("optax_paged_fused_update_")
+  # A compile error names its cause (a missing library here) and is not
+  # compiled again on every trace.
+  monkeypatch.setenv(fused.FLAGS_ENV, "-loptax_paged_no_such_library")
+  with pytest.raises(fused.NativeUnavailable, match="optax_paged_no_such_library"):
+    fused.target(guarded, spec.signed, ("momentum",))
+  with pytest.raises(fused.NativeUnavailable, match="an earlier build"):
+    fused.target(guarded, spec.signed, ("momentum",))
+
+
+def test_bool_to_float_conversions_are_left_to_xla():
+  """XLA rewrites ``convert(p) * x`` into a select (+0 where IEEE gives -0)."""
+  with pytest.raises(fused.NativeUnavailable, match="convert_element_type"):
+    fused.rule_source(lambda g, m, h: ((g > 0).astype(jnp.float32) * g, m), (True,), ())
+  source = fused.rule_source(lambda g, m, h: (g ** 9, m), (True,), ())
+  assert source.count(" * ") == 4  # square-and-multiply, one statement per product
