@@ -192,15 +192,20 @@ def test_scalar_build_equals_xla_path(monkeypatch, tmp_path):
   _check("lion", 64, (3, 4097), jnp.bfloat16, seed=2)
 
 
-def test_build_is_cached_and_reused(tmp_path, monkeypatch):
-  monkeypatch.setenv(fused.CACHE_ENV, str(tmp_path))
-  monkeypatch.setenv(fused.FLAGS_ENV, "-DOPTAX_PAGED_CACHE_TEST")  # a build of its own
+def _own_build(monkeypatch, cache, tag):
+  """Momentum's kernel, built in ``cache`` under flags no other test uses."""
+  monkeypatch.setenv(fused.CACHE_ENV, str(cache))
+  monkeypatch.setenv(fused.FLAGS_ENV, f"-DOPTAX_PAGED_{tag}")
   spec = rules.RULES["momentum"]
-  guarded = functools.partial(transform._guarded_rule, spec.rule)
-  name = fused.target(guarded, spec.signed, ("momentum",))
+  return functools.partial(transform._guarded_rule, spec.rule), spec.signed, ("momentum",)
+
+
+def test_build_is_cached_and_reused(tmp_path, monkeypatch):
+  args = _own_build(monkeypatch, tmp_path, "CACHE_TEST")
+  name = fused.target(*args)
   libraries = list(tmp_path.glob("fused_update_*.so"))
   assert len(libraries) == 1 and name.endswith(libraries[0].name[len("fused_update_"):-3])
-  assert fused.target(guarded, spec.signed, ("momentum",)) == name
+  assert fused.target(*args) == name
   assert not [f for f in os.listdir(tmp_path) if not f.endswith(".so")]  # no build leftovers
 
 
@@ -308,15 +313,11 @@ def test_eager_inject_hyperparams_reuses_the_compiled_update():
 
 
 def test_a_corrupt_cached_library_is_rebuilt(tmp_path, monkeypatch):
-  monkeypatch.setenv(fused.CACHE_ENV, str(tmp_path))
-  monkeypatch.setenv(fused.FLAGS_ENV, "-DOPTAX_PAGED_CORRUPT_TEST")  # a build of its own
-  spec = rules.RULES["momentum"]
-  guarded = functools.partial(transform._guarded_rule, spec.rule)
-  source = fused.rule_source(guarded, spec.signed, ("momentum",))
-  key = fused._key(source, fused.compiler(), fused._flags())
+  args = _own_build(monkeypatch, tmp_path, "CORRUPT_TEST")
+  key = fused._key(fused.rule_source(*args), fused.compiler(), fused._flags())
   library = tmp_path / f"fused_update_{key}.so"
   library.write_bytes(b"not a library")  # e.g. a build cut short
-  name = fused.target(guarded, spec.signed, ("momentum",))
+  name = fused.target(*args)
   assert name.endswith(key) and library.stat().st_size > 1000
 
 
@@ -328,24 +329,21 @@ def _fake_compiler(tmp_path, body):
 
 
 def test_a_compile_error_is_remembered_but_a_crashed_compiler_is_retried(tmp_path, monkeypatch):
-  monkeypatch.setenv(fused.CACHE_ENV, str(tmp_path / "cache"))
-  spec = rules.RULES["momentum"]
-  guarded = functools.partial(transform._guarded_rule, spec.rule)
   # A compiler killed by a signal (out of memory, say) is not the source's
   # fault: the next trace builds again, and succeeds with a working compiler.
-  monkeypatch.setenv(fused.FLAGS_ENV, "-DOPTAX_PAGED_RETRY_TEST")
+  args = _own_build(monkeypatch, tmp_path / "cache", "RETRY_TEST")
   monkeypatch.setenv("CXX", _fake_compiler(tmp_path, 'kill -9 $$'))
   with pytest.raises(fused.NativeUnavailable, match="status"):
-    fused.target(guarded, spec.signed, ("momentum",))
+    fused.target(*args)
   monkeypatch.delenv("CXX")
-  assert fused.target(guarded, spec.signed, ("momentum",)).startswith("optax_paged_fused_update_")
+  assert fused.target(*args).startswith("optax_paged_fused_update_")
   # A compile error names its cause (a missing library here) and is not
   # compiled again on every trace.
   monkeypatch.setenv(fused.FLAGS_ENV, "-loptax_paged_no_such_library")
   with pytest.raises(fused.NativeUnavailable, match="optax_paged_no_such_library"):
-    fused.target(guarded, spec.signed, ("momentum",))
+    fused.target(*args)
   with pytest.raises(fused.NativeUnavailable, match="an earlier build"):
-    fused.target(guarded, spec.signed, ("momentum",))
+    fused.target(*args)
 
 
 def test_bool_to_float_conversions_are_left_to_xla():
