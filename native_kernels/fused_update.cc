@@ -265,10 +265,15 @@ void work_on(Work& w) {
 // Lets the kernel back a large fresh output with huge pages (fewer page
 // faults); advisory only.
 void advise_huge_pages(void* data, size_t bytes) {
+#ifdef MADV_HUGEPAGE  // Linux only
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
   const uintptr_t lo = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t hi = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
   if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
 }
 
 ffi::Error FusedUpdateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hparams, ffi::AnyBuffer grad,
