@@ -406,9 +406,14 @@ def target(rule: Callable, signed: Sequence[bool], hparam_names: Sequence[str]) 
     return _TARGETS[key]
 
 
+@functools.cache
+def _kernel_text() -> str:
+  return KERNEL_SOURCE.read_text()
+
+
 def _key(source: str, cxx: str, flags: Sequence[str]) -> str:
   """Cache key of a build: rule, kernel source, flags, compiler, CPU, jax."""
-  parts = [source, KERNEL_SOURCE.read_text(), " ".join(flags), _machine_key(cxx)]
+  parts = [source, _kernel_text(), " ".join(flags), _machine_key(cxx)]
   return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
 
 

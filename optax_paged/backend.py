@@ -233,11 +233,11 @@ def update_quantized_leaf_native(rule, grad, codes, absmax, signed, hparams, blo
       raise native.NativeUnavailable(f"the native kernel takes float32, bfloat16 or float16 "
                                      f"gradients, not {grad.dtype}")
     return None
-  books = [jnp.asarray(codebooks.dynamic_map(s)) for s in signed]
-  carries = [jnp.asarray(codebooks.encode_tables(s, True).cell_carry) for s in signed]
+  _, _, tables = codecs(signed, True, "table")  # code books, then full cell tables
+  k = len(signed)
   try:
     return native.fused_update(rule, grad, tuple(codes), tuple(absmax), hparams, signed=signed,
-                               books=books, carries=carries, block_size=block_size)
+                               books=tables[:k], carries=tables[k:], block_size=block_size)
   except native.NativeUnavailable as e:
     if required:
       raise
